@@ -1,0 +1,162 @@
+"""Headless command line: `generate` (one image or a jobs file) in one warm session.
+
+`launch.py` adds the UI on top; this module never imports gradio. Errors print one
+line on stderr and exit non-zero; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from studio.errors import StudioError
+
+log = logging.getLogger(__name__)
+EXIT_INPUT, EXIT_OTHER, EXIT_CANCELLED = 2, 1, 130
+
+
+def add_common_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """Options valid before or after the command (`--model X generate` and `generate --model X`)."""
+    default: dict = {"default": argparse.SUPPRESS} if suppress else {}
+    parser.add_argument("--model", help="diffusers folder, SDXL .safetensors file, or hub id "
+                                        "(default: the settings' model, else the built-in tiny demo model)", **default)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the settings' device", **default)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="override the settings' precision", **default)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs", **default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="LoRA Studio: SDXL with stacked LoRAs. Without a command it starts the browser UI.",
+    )
+    add_common_options(parser)
+    parser.add_argument("--port", type=int, help="UI port (default: the settings' port, 7860)")
+    parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    parser.add_argument("--share", action="store_true", help="also try a public Gradio link (login required)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("ui", help="start the browser UI (the default)")
+    gen = sub.add_parser("generate", help="generate headless and print a short report",
+                         description="Generate one image, or every line of a jobs file in one warm session.")
+    add_common_options(gen, suppress=True)
+    gen.add_argument("--prompt", help="the prompt (required unless --jobs)")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: settings, 20)")
+    gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: settings, 5)")
+    gen.add_argument("--width", type=int, default=0, help="width, multiple of 8 (default: the model's native size)")
+    gen.add_argument("--height", type=int, default=0, help="height, multiple of 8 (default: native size)")
+    gen.add_argument("--sampler", default="Euler", help="Euler, 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras', DDIM, UniPC")
+    gen.add_argument("--out", type=Path, help="write the PNG here (default: the outputs folder)")
+    gen.add_argument("--report", type=Path, help="write the report JSON here")
+    gen.add_argument("--jobs", type=Path, help="a JSONL file: one request object per line "
+                                               "(keys: prompt, negative, seed, steps, cfg, width, height, sampler)")
+    gen.add_argument("--out-dir", type=Path, help="with --jobs: write NNNN.png and NNNN.json here")
+    return parser
+
+
+def _session(args: argparse.Namespace):
+    from studio.paths import app_dirs
+    from studio.session import Session
+    from studio.settings import load_settings
+
+    dirs = app_dirs()
+    settings = load_settings(dirs.settings_file)
+    overrides = {k: getattr(args, k) for k in ("model", "device", "precision") if getattr(args, k, None)}
+    if overrides:
+        settings = settings.replace(**overrides)
+    return Session(settings, dirs)
+
+
+def _request_from_args(args: argparse.Namespace, settings) -> "GenerationRequest":  # noqa: F821
+    from studio.request import GenerationRequest
+
+    if not args.prompt:
+        raise StudioError("generate needs --prompt TEXT (or --jobs FILE.jsonl)")
+    return GenerationRequest(prompt=args.prompt, negative=args.negative, seed=args.seed,
+                             steps=args.steps if args.steps is not None else settings.default_steps,
+                             cfg=args.cfg if args.cfg is not None else settings.default_cfg,
+                             width=args.width, height=args.height, sampler=args.sampler).validated()
+
+
+def _read_jobs(path: Path, settings) -> list:
+    from studio.errors import SettingsError
+    from studio.request import GenerationRequest
+
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise SettingsError(f"{path}: cannot read the jobs file ({err.strerror})") from None
+    jobs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SettingsError(f"{path.name} line {number}: not JSON ({err.msg})") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"{path.name} line {number}: expected a JSON object")
+        data = {"steps": settings.default_steps, "cfg": settings.default_cfg, **data}
+        try:
+            jobs.append(GenerationRequest.from_dict(data))
+        except StudioError as err:
+            raise SettingsError(f"{path.name} line {number}: {err}") from None
+    if not jobs:
+        raise SettingsError(f"{path.name}: no jobs in the file")
+    return jobs
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    session = _session(args)
+    if args.jobs:
+        if not args.out_dir:
+            raise StudioError("--jobs needs --out-dir DIR")
+        jobs = _read_jobs(args.jobs, session.settings)  # all lines checked before the model loads
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        for index, request in enumerate(jobs, 1):
+            result = session.generate(request, out_path=args.out_dir / f"{index:04d}.png")
+            result.report.write_json(args.out_dir / f"{index:04d}.json")
+            print(f"[{index}/{len(jobs)}] {result.paths[0]}  seed {result.seeds[0]}")
+            print("  " + result.report.summary().replace("\n", "\n  "))
+        return 0
+    request = _request_from_args(args, session.settings)
+    result = session.generate(request, out_path=args.out)
+    if args.report:
+        result.report.write_json(args.report)
+    print(f"{result.paths[0]}  seed {result.seeds[0]}")
+    print(result.report.summary())
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a headless command; map engine errors to one line and an exit code."""
+    from studio.errors import Cancelled, InputError
+
+    try:
+        if args.command == "generate":
+            return run_generate(args)
+        raise StudioError(f"unknown command {args.command!r}")
+    except StudioError as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CANCELLED if isinstance(err, Cancelled) else EXIT_INPUT if isinstance(err, InputError) else EXIT_OTHER
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+def configure_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")  # library deprecation chatter is not for users
+        for noisy in ("diffusers", "transformers"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,0 +1,123 @@
+"""A1111-compatible PNG `parameters` text: write it, and read it back into a request.
+
+Layout (A1111 `create_infotext`): the prompt, then `Negative prompt: ...`, then one
+line of comma-separated `Key: value` pairs, values quoted when they hold a comma,
+colon or quote. LoRAs appear as `<lora:name:weight>` in the prompt and in
+`Lora hashes: "name: 0123456789ab, ..."` (A1111's Lora extension format).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from studio.errors import SettingsError
+from studio.request import GenerationRequest
+
+PNG_KEY = "parameters"
+_PAIR = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_LORA_TAG = re.compile(r"<lora:([^:>]+):([-+]?\d*\.?\d+)(?::[-+]?\d*\.?\d+)?>")
+
+
+@dataclass(frozen=True)
+class Infotext:
+    prompt: str
+    negative: str
+    params: dict[str, str] = field(default_factory=dict)
+
+    def to_request(self) -> GenerationRequest:
+        """The request that reproduces the image (LoRA tags moved from the prompt to `loras`)."""
+        prompt, loras = split_lora_tags(self.prompt)
+        data: dict = {"prompt": prompt, "negative": self.negative, "loras": loras}
+        for key, name in (("Steps", "steps"), ("CFG scale", "cfg"), ("Seed", "seed"), ("Sampler", "sampler")):
+            if key in self.params:
+                data[name] = self.params[key]
+        size = self.params.get("Size", "")
+        if re.fullmatch(r"\d+x\d+", size):
+            data["width"], data["height"] = (int(v) for v in size.split("x"))
+        return GenerationRequest.from_dict(data)
+
+
+def _quote(value: str) -> str:
+    if any(ch in value for ch in ',:"\n'):
+        return json.dumps(value)
+    return value
+
+
+def format_infotext(request: GenerationRequest, *, width: int, height: int, model_name: str, model_hash: str,
+                    lora_hashes: dict[str, str] | None = None, version: str = "") -> str:
+    """The `parameters` text for one image; `request.seed` must be the concrete seed used."""
+    prompt = request.prompt + "".join(f" <lora:{name}:{weight:g}>" for name, weight in request.loras)
+    params = {
+        "Steps": str(request.steps),
+        "Sampler": request.sampler,
+        "CFG scale": f"{request.cfg:g}",
+        "Seed": str(request.seed),
+        "Size": f"{width}x{height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+    }
+    if lora_hashes:
+        params["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in lora_hashes.items())
+    if version:
+        params["Version"] = version
+    tail = ", ".join(f"{k}: {_quote(v)}" for k, v in params.items() if v != "")
+    lines = [prompt.strip()]
+    if request.negative:
+        lines.append(f"Negative prompt: {request.negative}")
+    lines.append(tail)
+    return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> Infotext:
+    """Inverse of format_infotext; also reads A1111/Forge files (unknown keys kept as text)."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines else ""
+    params: dict[str, str] = {}
+    if len(_PAIR.findall(last)) >= 3:
+        for key, value in _PAIR.findall(last):
+            value = value.strip()
+            if value.startswith('"') and value.endswith('"'):
+                value = json.loads(value)
+            params[key.strip()] = value
+        lines = lines[:-1]
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    target = prompt_lines
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            target = negative_lines
+            line = line[len("Negative prompt:"):].strip()
+        target.append(line)
+    return Infotext(prompt="\n".join(prompt_lines).strip(), negative="\n".join(negative_lines).strip(),
+                    params=params)
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """Remove `<lora:name:weight>` tags from the prompt and return them in order."""
+    loras = [(m.group(1).strip(), float(m.group(2))) for m in _LORA_TAG.finditer(prompt)]
+    text = _LORA_TAG.sub("", prompt)
+    return re.sub(r"[ \t]{2,}", " ", text).strip(), loras
+
+
+def save_png(image: Image.Image, path: Path, infotext: str) -> None:
+    """Write the PNG with its `parameters` chunk (deterministic bytes for the same pixels/text)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_KEY, infotext)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG", pnginfo=info)
+
+
+def read_png_infotext(path: Path) -> Infotext:
+    try:
+        with Image.open(path) as img:
+            text = img.info.get(PNG_KEY) or img.text.get(PNG_KEY) if hasattr(img, "text") else None
+    except OSError as err:
+        raise SettingsError(f"{path.name}: not a readable image ({err})") from None
+    if not text:
+        raise SettingsError(f"{path.name}: has no generation parameters (no PNG `{PNG_KEY}` text)")
+    return parse_infotext(text)

@@ -1,0 +1,70 @@
+"""The report every generation returns: where the time and the memory went.
+
+Filled with `with timer.phase("denoise"):` blocks and memory readings; the UI renders
+it and the CLI writes it as JSON (`{"phases": {...}, "memory": {...}, "request": {...}}`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class PhaseTimer:
+    """Wall time per named phase; a phase entered twice accumulates."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class Report:
+    request: dict[str, Any]
+    model: dict[str, Any]
+    device: str
+    dtype: str
+    phases: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    status: str = "ok"  # "ok" or "cancelled"
+
+    @property
+    def it_per_s(self) -> float:
+        total = sum(self.step_seconds)
+        return len(self.step_seconds) / total if total > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["it_per_s"] = round(self.it_per_s, 3)
+        return data
+
+    def write_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        mb = 1024 * 1024
+        order = [k for k in self.phases if k != "total"] + (["total"] if "total" in self.phases else [])
+        lines = ["  ".join(f"{name} {self.phases[name]:.3f}s" for name in order)]
+        mem = [f"peak RSS {self.memory.get('peak_rss', 0) / mb:.0f} MB"]
+        if "cuda_peak_allocated" in self.memory:
+            mem.append(f"VRAM peak {self.memory['cuda_peak_allocated'] / mb:.0f} MB allocated, "
+                       f"{self.memory['cuda_peak_reserved'] / mb:.0f} MB reserved")
+        lines.append(f"{len(self.step_seconds)} steps at {self.it_per_s:.2f} it/s on {self.device} ({self.dtype}); "
+                     + "; ".join(mem))
+        return "\n".join(lines)

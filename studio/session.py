@@ -1,0 +1,291 @@
+"""The session controller: one warm SDXL pipeline, one generation at a time.
+
+Gradio's queue is not enough to serialise GPU work: a cancelled blocking handler
+keeps running and frees its queue slot (measured, research/gradio.md §1.4), so the
+pipeline is guarded by a real lock and stopped cooperatively from the step callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from studio import __version__
+from studio.errors import Cancelled, OutOfMemory
+from studio.memory import PeakRss, cuda_peaks, release_freed_memory, rss_bytes
+from studio.metadata import format_infotext, save_png
+from studio.models.architectures import SDXL_DEFAULT_SIZE, TINY_DEFAULT_SIZE
+from studio.models.hashing import model_sha256
+from studio.models.loader import ModelSource, load_pipeline, resolve_source
+from studio.paths import AppDirs, app_dirs
+from studio.report import PhaseTimer, Report
+from studio.request import GenerationRequest
+from studio.runtime import Runtime, resolve_runtime
+from studio.samplers import make_scheduler
+from studio.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int  # 1-based
+    total: int
+    seconds: float  # this step's wall time
+
+
+class CancelToken:
+    """Set from any thread; the job stops at its next step boundary."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("stopped by the user")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: ModelSource
+    sha256: str
+    load_seconds: float
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:10]
+
+    def to_dict(self) -> dict:
+        return {"name": self.source.name, "kind": self.source.kind.value, "location": self.source.location,
+                "hash": self.short_hash, "load_seconds": round(self.load_seconds, 4), "demo": self.source.is_demo}
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    paths: list[Path]
+    report: Report
+    infotext: str = ""
+    seeds: list[int] = field(default_factory=list)
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+class Session:
+    """Owns the warm pipeline. Thread-safe: every public method may be called from any thread."""
+
+    def __init__(self, settings: Settings | None = None, dirs: AppDirs | None = None) -> None:
+        self.settings = settings or Settings()
+        self.dirs = dirs or app_dirs()
+        self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision)
+        self._lock = threading.Lock()  # held for the whole of a generation or a model switch
+        self._state_lock = threading.Lock()  # guards the counters below
+        self._waiting = 0
+        self._current: CancelToken | None = None
+        self._pipe = None
+        self.model: ModelInfo | None = None
+
+    # ---- model ---------------------------------------------------------------------------
+
+    def load_model(self, spec: str | None = None) -> ModelInfo:
+        """Replace the warm pipeline (waits for a running generation to end)."""
+        source = resolve_source(spec if spec is not None else self.settings.model)
+        with self._lock:
+            return self._load_locked(source)
+
+    def _load_locked(self, source: ModelSource) -> ModelInfo:
+        self._pipe = None  # drop the old pipeline before loading the new one: peak RAM is one model
+        self.model = None
+        release_freed_memory()
+        start = time.perf_counter()
+        pipe = load_pipeline(source, self.runtime.dtype)
+        pipe.to(self.runtime.device)
+        sha = model_sha256(source.path, self.dirs.cache / "model-hashes.json") if source.kind.value != "hub" else ""
+        self._pipe = pipe
+        self._default_scheduler_config = dict(pipe.scheduler.config)
+        self.model = ModelInfo(source, sha, time.perf_counter() - start)
+        log.info("loaded %s (%s) in %.2fs on %s/%s", source.name, source.kind.value, self.model.load_seconds,
+                 self.runtime.device, self.runtime.dtype_name)
+        return self.model
+
+    def _ensure_model(self) -> None:
+        if self._pipe is None:
+            self._load_locked(resolve_source(self.settings.model))
+
+    @property
+    def native_size(self) -> int:
+        if self.model is not None and self.model.source.is_demo:
+            return TINY_DEFAULT_SIZE
+        return SDXL_DEFAULT_SIZE
+
+    # ---- jobs ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _job_slot(self, token: CancelToken) -> Iterator[None]:
+        """Wait for the pipeline (counted in `waiting`), then hold it for the whole job."""
+        with self._state_lock:
+            self._waiting += 1
+        acquired = False
+        try:
+            self._lock.acquire()
+            acquired = True
+        finally:
+            with self._state_lock:
+                self._waiting -= 1
+                if acquired:
+                    self._current = token
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._current = None
+            self._lock.release()
+
+    def status(self) -> dict:
+        with self._state_lock:
+            return {"busy": self._current is not None, "waiting": self._waiting,
+                    "model": self.model.to_dict() if self.model else None, "rss": rss_bytes()}
+
+    def cancel_current(self) -> bool:
+        """Stop the running job at its next step; returns whether one was running."""
+        with self._state_lock:
+            token = self._current
+        if token is None:
+            return False
+        token.cancel()
+        return True
+
+    def generate(self, request: GenerationRequest, *, on_step: StepCallback | None = None,
+                 cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerationResult:
+        """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError."""
+        request = request.validated()
+        if request.loras:
+            from studio.errors import SettingsError
+
+            raise SettingsError("this build cannot apply LoRAs yet; remove them from the request")
+        token = cancel or CancelToken()
+        with self._job_slot(token):
+            token.raise_if_cancelled()  # stopped while waiting in line
+            try:
+                return self._generate_locked(request, on_step, token, out_path)
+            except torch.cuda.OutOfMemoryError as err:
+                release_freed_memory()
+                raise OutOfMemory(f"the GPU ran out of memory ({err.args[0].splitlines()[0] if err.args else ''}); "
+                                  "try a smaller size, or free other GPU programs") from None
+
+    def _generate_locked(self, request: GenerationRequest, on_step: StepCallback | None, token: CancelToken,
+                         out_path: Path | None) -> GenerationResult:
+        timer = PhaseTimer()
+        started = time.perf_counter()
+        if self._pipe is None:
+            with timer.phase("model_load"):
+                self._ensure_model()
+        pipe, device = self._pipe, self.runtime.device
+        assert self.model is not None
+        request = request.with_seed()
+        width = request.width or self.native_size
+        height = request.height or self.native_size
+        report = Report(request=request.to_dict() | {"width": width, "height": height}, model=self.model.to_dict(),
+                        device=str(device), dtype=self.runtime.dtype_name)
+        with PeakRss() as rss, cuda_peaks(device) as peaks, torch.inference_mode():
+            try:
+                image = self._run(pipe, request, width, height, timer, report, on_step, token)
+                with timer.phase("save"):
+                    path = out_path or self._next_output_path(request.seed)
+                    infotext = format_infotext(request, width=width, height=height, model_name=self.model.source.name,
+                                               model_hash=self.model.short_hash, version=f"lora-studio {__version__}")
+                    save_png(image, Path(path), infotext)
+            except Cancelled:
+                report.status = "cancelled"
+                raise
+            finally:
+                timer.phases["total"] = time.perf_counter() - started  # includes a cold model load
+                report.phases = {k: round(v, 5) for k, v in timer.phases.items()}
+        report.memory = {"peak_rss": rss.peak, "rss": rss_bytes(), **peaks}
+        report.outputs = [str(path)]
+        return GenerationResult(images=[image], paths=[Path(path)], report=report, infotext=infotext,
+                                seeds=[request.seed])
+
+    def _run(self, pipe, request: GenerationRequest, width: int, height: int, timer: PhaseTimer, report: Report,
+             on_step: StepCallback | None, token: CancelToken) -> Image.Image:
+        device = self.runtime.device
+        guided = request.cfg > 1.0
+        with timer.phase("text_encode"):
+            embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=request.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                negative_prompt=request.negative or None)
+        token.raise_if_cancelled()
+        pipe.scheduler = make_scheduler(request.sampler, self._default_scheduler_config)
+        last = [time.perf_counter()]
+
+        def step_end(_pipe, index: int, _timestep, kwargs: dict) -> dict:
+            now = time.perf_counter()
+            report.step_seconds.append(round(now - last[0], 5))
+            last[0] = now
+            if on_step is not None:
+                on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1]))
+            token.raise_if_cancelled()  # lands within one step of the click
+            return kwargs
+
+        with timer.phase("denoise"):
+            latents = pipe(
+                prompt_embeds=embeds, negative_prompt_embeds=neg_embeds, pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=neg_pooled, num_inference_steps=request.steps,
+                guidance_scale=request.cfg, width=width, height=height,
+                generator=torch.Generator("cpu").manual_seed(request.seed), output_type="latent",
+                callback_on_step_end=step_end).images
+        token.raise_if_cancelled()
+        with timer.phase("vae_decode"):
+            return decode_latents(pipe, latents)
+
+    def _next_output_path(self, seed: int) -> Path:
+        root = Path(self.settings.outputs_dir).expanduser() if self.settings.outputs_dir else self.dirs.default_outputs
+        folder = root / date.today().isoformat()
+        folder.mkdir(parents=True, exist_ok=True)
+        numbers = [int(p.name[:5]) for p in folder.glob("*.png") if p.name[:5].isdigit()]
+        return folder / f"{max(numbers, default=0) + 1:05d}-{seed}.png"
+
+    def close(self) -> None:
+        with self._lock:
+            self._pipe = None
+            self.model = None
+        release_freed_memory()
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> Image.Image:
+    """VAE decode as the SDXL pipeline does it (fp16 VAEs with force_upcast run in fp32)."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = latents.to(vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std_t / vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]

@@ -1,0 +1,184 @@
+"""Typed preferences, saved as TOML in the config folder.
+
+Writes are atomic (temp file + rename) so a crash never leaves half a file. A file
+that cannot be parsed is moved aside (`settings.toml.corrupt-<time>`) with a warning
+and defaults are used; a single bad value falls back to its default with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from studio.errors import SettingsError
+
+log = logging.getLogger(__name__)
+
+
+class Device(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"  # fp16 on CUDA, bf16 on CPU (fp16 matmul on CPU is ~250x slower)
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class LoraMode(StrEnum):
+    AUTO = "auto"
+    MERGED = "merged"
+    SIDECAR = "sidecar"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every preference the engine and the UI read. Empty strings mean "the default"."""
+
+    model: str = ""  # empty: the embedded tiny SDXL
+    lora_dirs: tuple[str, ...] = ()
+    outputs_dir: str = ""  # empty: <data dir>/outputs
+    device: Device = Device.AUTO
+    precision: Precision = Precision.AUTO
+    lora_mode: LoraMode = LoraMode.MERGED
+    unpatch_lora_by_vram_offload: bool = False
+    lora_cache_mb: int = 2048
+    default_steps: int = 20
+    default_cfg: float = 5.0
+    port: int = 7860
+    share: bool = False
+    auth_user: str = "studio"
+    auth_password: str = ""  # empty: generated when a public link is opened
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def validated(self) -> Settings:
+        """Return self or raise SettingsError naming the field, the value and what is allowed."""
+        if not 1 <= self.default_steps <= 200:
+            raise SettingsError(f"`default_steps` must be between 1 and 200, got {self.default_steps}")
+        if not 0.0 <= self.default_cfg <= 30.0:
+            raise SettingsError(f"`default_cfg` must be between 0 and 30, got {self.default_cfg}")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"`port` must be between 0 and 65535, got {self.port}")
+        if not 0 <= self.lora_cache_mb <= 1 << 20:
+            raise SettingsError(f"`lora_cache_mb` must be between 0 and 1048576, got {self.lora_cache_mb}")
+        return self
+
+    def replace(self, **changes: Any) -> Settings:
+        return from_dict({**to_dict(self), **changes}, strict=True)
+
+
+_ENUMS = {"device": Device, "precision": Precision, "lora_mode": LoraMode}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if name in _ENUMS:
+        try:
+            return _ENUMS[name](value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in _ENUMS[name])
+            raise SettingsError(f"`{name}` must be one of {allowed}, got {value!r}") from None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SettingsError(f"`{name}` must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"`{name}` must be a whole number, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingsError(f"`{name}` must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise SettingsError(f"`{name}` must be a list of folder paths, got {value!r}")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise SettingsError(f"`{name}` must be text, got {value!r}")
+    return value
+
+
+def from_dict(data: dict[str, Any], strict: bool = False) -> Settings:
+    """Build Settings from plain values. strict: raise on a bad value; else warn and use the default."""
+    defaults = Settings()
+    known = {f.name for f in fields(Settings) if f.name != "extra"}
+    values: dict[str, Any] = {}
+    for name in known & data.keys():
+        try:
+            values[name] = _coerce(name, data[name], getattr(defaults, name))
+        except SettingsError as err:
+            if strict:
+                raise
+            log.warning("settings: %s; using the default %r", err, getattr(defaults, name))
+    extra = {k: v for k, v in data.items() if k not in known}
+    settings = Settings(**values, extra=extra)
+    if strict:
+        return settings.validated()
+    try:
+        return settings.validated()
+    except SettingsError as err:
+        log.warning("settings: %s; using defaults for the numbers", err)
+        keep = {k: v for k, v in values.items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
+        return Settings(**keep, extra=extra)
+
+
+def to_dict(settings: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name == "extra":
+            continue
+        value = getattr(settings, f.name)
+        out[f.name] = value.value if isinstance(value, StrEnum) else list(value) if isinstance(value, tuple) else value
+    return {**settings.extra, **out}
+
+
+def load_settings(path: Path) -> Settings:
+    """Read the file; a missing file gives defaults, a corrupt one is moved aside."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return Settings()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("settings file %s could not be read (%s); moved it to %s and using defaults", path, err, aside)
+        return Settings()
+    return from_dict(data)
+
+
+def save_settings(settings: Settings, path: Path) -> None:
+    """Atomic write: a reader sees the old file or the new one, never half of one."""
+    settings.validated()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = tomli_w.dumps(to_dict(settings)).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".toml", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Settings) if f.name != "extra"]
