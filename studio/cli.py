@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(parser)
     parser.add_argument("--port", type=int, help="UI port (default: the settings' port, 7860)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
-    parser.add_argument("--share", action="store_true", help="also try a public Gradio link (login required)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("ui", help="start the browser UI (the default)")
     gen = sub.add_parser("generate", help="generate headless and print a short report",

@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated app home per test, and one warm tiny-model session per run."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the Hub, in tests least of all
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+from studio.paths import AppDirs  # noqa: E402
+from studio.settings import Precision, Settings  # noqa: E402
+
+
+@pytest.fixture
+def studio_home(tmp_path, monkeypatch):
+    """LORA_STUDIO_HOME pointed at a fresh folder; returns the resolved AppDirs."""
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path / "home"))
+    from studio.paths import app_dirs
+
+    return app_dirs()
+
+
+@pytest.fixture(scope="session")
+def session_dirs(tmp_path_factory) -> AppDirs:
+    root = tmp_path_factory.mktemp("session-home")
+    dirs = AppDirs(config=root / "config", data=root / "data", cache=root / "cache")
+    for folder in (dirs.config, dirs.data, dirs.cache):
+        folder.mkdir(parents=True)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def tiny_session(session_dirs):
+    """One warm session on the embedded model (bf16 on CPU), shared by the tests that only generate."""
+    from studio.session import Session
+
+    session = Session(Settings(device="cpu", precision=Precision.BF16), session_dirs)
+    session.load_model()
+    yield session
+    session.close()

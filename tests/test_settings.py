@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from studio.errors import SettingsError
+from studio.settings import Device, LoraMode, Settings, load_settings, save_settings, to_dict
+
+
+def test_missing_file_gives_defaults(tmp_path):
+    assert load_settings(tmp_path / "settings.toml") == Settings()
+
+
+def test_round_trip_keeps_every_value(tmp_path):
+    path = tmp_path / "settings.toml"
+    settings = Settings(model="/models/x.safetensors", lora_dirs=("/a", "/b"), device=Device.CPU, default_steps=33,
+                        default_cfg=6.5, lora_mode=LoraMode.SIDECAR, unpatch_lora_by_vram_offload=True)
+    save_settings(settings, path)
+    assert load_settings(path) == settings
+    assert [p.name for p in tmp_path.iterdir()] == ["settings.toml"]  # the temp file of the atomic write is gone
+
+
+def test_corrupt_file_is_moved_aside_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "settings.toml"
+    path.write_text("default_steps = [unclosed\n")
+    with caplog.at_level(logging.WARNING):
+        settings = load_settings(path)
+    assert settings == Settings()
+    assert not path.exists()
+    aside = list(tmp_path.glob("settings.toml.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_text() == "default_steps = [unclosed\n"
+    assert "moved it to" in caplog.text
+
+
+def test_bad_value_falls_back_to_its_default_only(tmp_path, caplog):
+    path = tmp_path / "settings.toml"
+    path.write_text('device = "tpu"\ndefault_steps = 30\n')
+    with caplog.at_level(logging.WARNING):
+        settings = load_settings(path)
+    assert settings.device == Device.AUTO and settings.default_steps == 30
+    assert "`device` must be one of auto, cpu, cuda, got 'tpu'" in caplog.text
+
+
+def test_out_of_range_value_is_refused_and_not_saved(tmp_path):
+    path = tmp_path / "settings.toml"
+    save_settings(Settings(default_steps=25), path)
+    with pytest.raises(SettingsError, match=r"`default_steps` must be between 1 and 200, got 0"):
+        save_settings(Settings(default_steps=0), path)
+    with pytest.raises(SettingsError, match="`default_cfg` must be between 0 and 30"):
+        Settings().replace(default_cfg=99)
+    assert load_settings(path).default_steps == 25
+
+
+def test_unknown_keys_survive_a_round_trip(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text('future_option = "kept"\nport = 7999\n')
+    settings = load_settings(path)
+    save_settings(settings.replace(default_steps=12), path)
+    assert "future_option" in to_dict(load_settings(path))
+    assert load_settings(path).port == 7999
+
+
+def test_env_override_puts_every_folder_under_one_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(tmp_path / "portable"))
+    from studio.paths import app_dirs
+
+    dirs = app_dirs()
+    for folder in (dirs.config, dirs.data, dirs.cache):
+        assert folder.is_dir() and folder.is_relative_to(tmp_path / "portable")
+    assert dirs.settings_file == tmp_path / "portable" / "config" / "settings.toml"

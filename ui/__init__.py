@@ -1,0 +1,1 @@
+"""The Gradio front end: thin, calls the session, renders its reports."""
