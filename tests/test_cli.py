@@ -1,0 +1,79 @@
+"""`python launch.py generate` as a user runs it: subprocesses, files, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from studio.metadata import read_png_infotext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _launch(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LORA_STUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], capture_output=True, text=True,
+                          env=env, cwd=home.parent, timeout=300)
+
+
+def test_generate_twice_gives_identical_pixels_and_parseable_metadata(tmp_path):
+    home = tmp_path / "home"
+    runs = [_launch("generate", "--prompt", "a cat", "--seed", "1", "--steps", "3", "--out", str(tmp_path / n),
+                    "--report", str(tmp_path / f"{n}.json"), home=home) for n in ("a.png", "b.png")]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        assert "seed 1" in run.stdout and "it/s" in run.stdout
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    assert np.array_equal(a, b)
+    request = read_png_infotext(tmp_path / "a.png").to_request()
+    assert (request.prompt, request.seed, request.steps) == ("a cat", 1, 3)
+    report = json.loads((tmp_path / "a.png.json").read_text())
+    assert {"phases", "memory", "request"} <= report.keys()
+    assert report["phases"]["model_load"] > 0 and report["request"]["seed"] == 1
+
+
+def test_jobs_file_runs_every_line_in_one_warm_session(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [{"prompt": "one", "seed": 1, "steps": 2}, {"prompt": "two", "seed": 2, "steps": 3, "cfg": 3},
+             {"prompt": "three", "seed": 3, "steps": 2, "width": 128, "height": 192}]
+    jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    run = _launch("generate", "--jobs", str(jobs), "--out-dir", str(tmp_path / "out"), home=tmp_path / "home")
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["0001.json", "0001.png", "0002.json", "0002.png",
+                                                     "0003.json", "0003.png"]
+    reports = [json.loads((out / f"{i:04d}.json").read_text()) for i in (1, 2, 3)]
+    loads = ["model_load" in r["phases"] for r in reports]
+    assert loads == [True, False, False]  # one model load, then warm reuse
+    assert [r["request"]["prompt"] for r in reports] == ["one", "two", "three"]
+    assert Image.open(out / "0003.png").size == (128, 192)
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    home = tmp_path / "home"
+    bad_steps = _launch("generate", "--prompt", "x", "--steps", "0", home=home)
+    assert bad_steps.returncode == 2
+    assert bad_steps.stderr.strip() == "error: `steps` must be between 1 and 200, got 0"
+    (tmp_path / "m.ckpt").write_bytes(b"\x80\x04K\x01.")
+    pickle = _launch("generate", "--prompt", "x", "--model", str(tmp_path / "m.ckpt"), home=home)
+    assert pickle.returncode == 2 and "Traceback" not in pickle.stderr
+    assert "never loaded" in pickle.stderr and len(pickle.stderr.strip().splitlines()) == 1
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "x", "steps": -1}\n')
+    bad_job = _launch("generate", "--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "o"),
+                      home=home)
+    assert bad_job.returncode == 2 and "jobs.jsonl line 2: `steps` must be between 1 and 200" in bad_job.stderr
+    assert not (tmp_path / "o").exists()  # every line is checked before any work
+
+
+def test_help_documents_every_command():
+    run = subprocess.run([sys.executable, str(ROOT / "launch.py"), "generate", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    for flag in ("--prompt", "--negative", "--seed", "--steps", "--cfg", "--width", "--height", "--model", "--out",
+                 "--report", "--jobs", "--out-dir"):
+        assert flag in run.stdout
