@@ -1,0 +1,207 @@
+"""Open a LoRA file: refuse what is unsafe or wrong with one clear line, parse the rest.
+
+`read_lora` gives a `LoraFile` bound to a `ModelIndex`; `inspect_lora` reads only the
+header (names, shapes, metadata) for the LoRA browser. Checks run before any tensor is
+used, in the order a user would want to hear about them: missing / directory / empty,
+pickle (never unpickled: .ckpt/.pt/.bin or pickle/zip magic bytes), corrupt or
+truncated header, wrong base model, NaN/Inf, keys that match nothing, shape mismatch.
+Reading changes nothing, so a refused file leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from studio.errors import LoraError
+from studio.lora import metadata as md
+from studio.lora.base import LoraFile
+from studio.lora.formats import guess_format, parse_tensors
+from studio.lora.keymap import ModelIndex
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated safetensors header: where each tensor's bytes are, and the metadata."""
+
+    length: int  # bytes of JSON after the 8-byte length
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    metadata: dict[str, str]
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """What the browser shows about a LoRA file, from its header alone."""
+
+    path: Path
+    name: str
+    size_bytes: int
+    format: str
+    base_model: str
+    base_model_evidence: str
+    n_tensors: int
+    components: tuple[str, ...]
+    title: str
+    trigger_words: list[str] = field(default_factory=list)
+    thumbnail: tuple[str, bytes] | None = None
+    short_hash: str | None = None  # from `sshs_model_hash`, or computed when asked for
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _fail(path: Path, reason: str) -> LoraError:
+    return LoraError(f"LoRA {path.name}: {reason}")
+
+
+def _looks_pickled(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _check_path(path: Path) -> int:
+    if not path.exists():
+        raise LoraError(f"LoRA file not found: {path}")
+    if path.is_dir():
+        raise LoraError(f"LoRA path is a directory, not a file: {path}")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise _fail(path, f"{path.suffix} files are Python pickles, which can run code when loaded; "
+                          "LoRA Studio never unpickles. Use the .safetensors version of this LoRA")
+    size = path.stat().st_size
+    if size == 0:
+        raise _fail(path, "the file is empty (0 bytes)")
+    return size
+
+
+def _parse_header(path: Path, size: int) -> Header:
+    """Validate the header against the file size (truncation shows here, before any tensor read)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8).ljust(8, b"\0"), "little")
+        if size < 8 or n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ValueError(f"the header length field says {n} bytes but the file has {size}: "
+                             "truncated or not a safetensors file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"corrupt header (not valid JSON: {err.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise ValueError("corrupt header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise ValueError("corrupt header (__metadata__ is not an object)")
+    data_size = size - 8 - n
+    shapes, dtypes, end_max = {}, {}, 0
+    for key, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"corrupt header entry for tensor {key}") from None
+        if dtype not in _DTYPE_BYTES or any(s < 0 for s in shape) or not 0 <= start <= end:
+            raise ValueError(f"corrupt header entry for tensor {key} ({dtype}, {list(shape)})")
+        if end - start != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise ValueError(f"corrupt header: tensor {key} {dtype}{list(shape)} does not fit its {end - start} bytes")
+        if end > data_size:
+            raise ValueError(f"truncated: tensor {key} needs bytes up to {end} of the data but the file "
+                             f"holds only {data_size}")
+        shapes[key], dtypes[key], end_max = shape, dtype, max(end_max, end)
+    return Header(n, shapes, dtypes, {str(k): str(v) for k, v in meta.items()})
+
+
+def read_header(path: str | Path) -> Header:
+    """The validated header of a safetensors LoRA file; LoraError for anything unreadable."""
+    path = Path(path)
+    size = _check_path(path)
+    try:
+        return _parse_header(path, size)
+    except ValueError as err:
+        if _looks_pickled(path):
+            raise _fail(path, "this is a pickle (zip/pickle magic bytes) under a safetensors name; "
+                              "LoRA Studio never unpickles") from None
+        raise _fail(path, str(err)) from None
+
+
+def _check_base(path: Path, header: Header) -> tuple[str, str]:
+    base, evidence = md.detect_base_model(header.metadata, header.shapes)
+    if base not in ("sdxl", "unknown"):
+        raise _fail(path, f"this LoRA is for {md.BASE_MODEL_NAMES.get(base, base)}, not SDXL ({evidence}); "
+                          "use an SDXL LoRA")
+    return base, evidence
+
+
+def _load_tensors(path: Path, header: Header) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in header.shapes:
+                tensors[key] = f.get_tensor(key)
+    except Exception as err:  # safetensors raises its own SafetensorError; say it in one line
+        raise _fail(path, f"corrupt tensor data ({err})") from None
+    for key, t in tensors.items():
+        if t.is_floating_point():
+            finite = torch.isfinite(t.float() if t.element_size() == 1 else t)
+            if not bool(finite.all()):
+                what = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
+                raise _fail(path, f"tensor {key} contains {what} values ({int((~finite).sum())} of {t.numel()}); "
+                                  "the file is broken")
+    return tensors
+
+
+def read_lora(path: str | Path, index: ModelIndex) -> LoraFile:
+    """Parse a LoRA file into per-layer patches for the model `index` describes."""
+    path = Path(path)
+    header = read_header(path)
+    base, _ = _check_base(path, header)
+    tensors = _load_tensors(path, header)
+    try:
+        parsed = parse_tensors(tensors, header.metadata, index)
+    except ValueError as err:
+        raise _fail(path, str(err)) from None
+    if not parsed.patches:
+        examples = ", ".join(parsed.unmatched_keys[:3])
+        raise _fail(path, f"none of its {len(tensors)} keys matches a layer of this SDXL model (e.g. {examples})")
+    if parsed.unmatched_keys:
+        logger.info("%s: %d of %d keys match no layer (e.g. %s)", path.name, len(parsed.unmatched_keys),
+                    len(tensors), ", ".join(parsed.unmatched_keys[:3]))
+    metadata = {k: v for k, v in header.metadata.items() if k not in md.THUMBNAIL_KEYS}
+    return LoraFile(path=path, name=path.stem, format=parsed.format, base_model="sdxl" if base == "unknown" else base,
+                    short_hash=md.short_hash(path, header.length, header.metadata), metadata=metadata,
+                    patches=parsed.patches, unmatched_keys=parsed.unmatched_keys)
+
+
+def inspect_lora(path: str | Path, with_hash: bool = False) -> LoraInfo:
+    """Header-only summary for the browser; `with_hash` also reads the tensor bytes for the hash.
+
+    A file for another base model is reported (base_model says which), not refused:
+    the browser shows it greyed out rather than hiding it.
+    """
+    path = Path(path)
+    header = read_header(path)
+    base, evidence = md.detect_base_model(header.metadata, header.shapes)
+    components = sorted({c for k in header.shapes for c, heads in _COMPONENT_HEADS.items() if k.startswith(heads)})
+    stored = md.short_hash(path, header.length, header.metadata) if with_hash or "sshs_model_hash" in header.metadata else None
+    meta = header.metadata
+    return LoraInfo(path=path, name=path.stem, size_bytes=path.stat().st_size, format=guess_format(header.shapes),
+                    base_model=base, base_model_evidence=evidence, n_tensors=len(header.shapes),
+                    components=tuple(components),
+                    title=meta.get("modelspec.title") or meta.get("ss_output_name") or path.stem,
+                    trigger_words=md.trigger_words(meta), thumbnail=md.thumbnail(meta), short_hash=stored,
+                    metadata={k: v for k, v in meta.items() if k not in md.THUMBNAIL_KEYS})
+
+
+_COMPONENT_HEADS = {"unet": ("lora_unet_", "unet.", "diffusion_model.", "model.diffusion_model."),
+                    "text_encoder": ("lora_te1_", "lora_te_", "text_encoder."),
+                    "text_encoder_2": ("lora_te2_", "text_encoder_2.")}
