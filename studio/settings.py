@@ -39,9 +39,16 @@ class Precision(StrEnum):
 
 
 class LoraMode(StrEnum):
-    AUTO = "auto"
+    AUTO = "auto"  # merged, except sidecar on fp8-stored or streamed layers
     MERGED = "merged"
     SIDECAR = "sidecar"
+
+
+class MemoryMode(StrEnum):
+    AUTO = "auto"  # picked from the budgets
+    FULL = "full"  # everything on the GPU
+    OFFLOAD = "offload"  # components move to the GPU when needed
+    STREAM = "stream"  # layer weights stream from pinned RAM, N layers ahead
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,12 @@ class Settings:
     lora_mode: LoraMode = LoraMode.MERGED
     unpatch_lora_by_vram_offload: bool = False
     lora_cache_mb: int = 2048
+    memory_mode: MemoryMode = MemoryMode.AUTO
+    stream_lookahead: int = 2
+    fp8_storage: bool = False
+    ram_limit_mb: int = 0  # 0: measured free RAM
+    vram_limit_mb: int = 0  # 0: measured free VRAM
+    working_memory_mb: int = 0  # 0: estimated from the image size before each VAE decode
     default_steps: int = 20
     default_cfg: float = 5.0
     port: int = 7860
@@ -72,15 +85,67 @@ class Settings:
             raise SettingsError(f"`default_cfg` must be between 0 and 30, got {self.default_cfg}")
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"`port` must be between 0 and 65535, got {self.port}")
-        if not 0 <= self.lora_cache_mb <= 1 << 20:
-            raise SettingsError(f"`lora_cache_mb` must be between 0 and 1048576, got {self.lora_cache_mb}")
+        for name in ("lora_cache_mb", "ram_limit_mb", "vram_limit_mb", "working_memory_mb"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1 << 22:
+                raise SettingsError(f"`{name}` must be between 0 and {1 << 22} (MB), got {value}")
+        if not 1 <= self.stream_lookahead <= 16:
+            raise SettingsError(f"`stream_lookahead` must be between 1 and 16 layers, got {self.stream_lookahead}")
         return self
 
     def replace(self, **changes: Any) -> Settings:
         return from_dict({**to_dict(self), **changes}, strict=True)
 
 
-_ENUMS = {"device": Device, "precision": Precision, "lora_mode": LoraMode}
+_ENUMS = {"device": Device, "precision": Precision, "lora_mode": LoraMode, "memory_mode": MemoryMode}
+
+
+class Applies(StrEnum):
+    NOW = "applies now"
+    MODEL_RELOAD = "applies when the model reloads"
+    RESTART = "needs a restart"
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    label: str
+    help: str
+    applies: Applies
+
+
+# What the preferences panel shows for each setting, and when a change takes effect.
+SETTING_INFO: dict[str, SettingInfo] = {
+    "model": SettingInfo("Model", "diffusers folder or SDXL .safetensors file; empty = built-in demo model",
+                         Applies.MODEL_RELOAD),
+    "lora_dirs": SettingInfo("LoRA folders", "folders searched for .safetensors LoRAs", Applies.NOW),
+    "outputs_dir": SettingInfo("Output folder", "where PNGs are saved; empty = the per-user data folder",
+                               Applies.RESTART),
+    "device": SettingInfo("Device", "auto = CUDA when present", Applies.MODEL_RELOAD),
+    "precision": SettingInfo("Precision", "auto = fp16 on CUDA, bf16 on CPU", Applies.MODEL_RELOAD),
+    "lora_mode": SettingInfo("LoRA mode", "merged = full speed; sidecar = instant switching; auto = per layer",
+                             Applies.NOW),
+    "unpatch_lora_by_vram_offload": SettingInfo(
+        "unpatch_lora_by_vram_offload",
+        "on: drop patched weights and reload clean ones from RAM; off: restore touched weights in place",
+        Applies.NOW),
+    "lora_cache_mb": SettingInfo("LoRA cache (MB)", "parsed LoRAs kept in RAM", Applies.NOW),
+    "memory_mode": SettingInfo("Memory mode", "full, offload, stream (low VRAM), or auto from the budgets",
+                               Applies.MODEL_RELOAD),
+    "stream_lookahead": SettingInfo("Stream lookahead", "layers copied ahead of compute in stream mode",
+                                    Applies.MODEL_RELOAD),
+    "fp8_storage": SettingInfo("fp8 weight storage", "halves UNet weight memory; LoRAs run as sidecars",
+                               Applies.MODEL_RELOAD),
+    "ram_limit_mb": SettingInfo("RAM limit (MB)", "0 = measured free RAM", Applies.NOW),
+    "vram_limit_mb": SettingInfo("VRAM limit (MB)", "0 = measured free VRAM", Applies.NOW),
+    "working_memory_mb": SettingInfo("Working memory (MB)", "kept free for activations; 0 = estimated per image",
+                                     Applies.NOW),
+    "default_steps": SettingInfo("Default steps", "", Applies.NOW),
+    "default_cfg": SettingInfo("Default CFG", "", Applies.NOW),
+    "port": SettingInfo("Port", "local port of the UI", Applies.RESTART),
+    "share": SettingInfo("Public link", "share through a Gradio link; login required", Applies.RESTART),
+    "auth_user": SettingInfo("Login user", "for the public link", Applies.RESTART),
+    "auth_password": SettingInfo("Login password", "empty = generated and shown locally", Applies.RESTART),
+}
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
