@@ -1,0 +1,485 @@
+"""Bring a model's weights to the state a LoRA stack asks for, touching only what changes.
+
+Rules (DESIGN.md 4, each learned from a peer's bug):
+- A merged weight is `pristine + sum(w_i * delta_i)`, accumulated in fp32 from the pristine
+  tensor and rounded once. Never unpatch by subtraction: diffusers' `unfuse_lora` drifts by
+  4.9e-3 in bf16 after 40 switches (research/diffusers.md 0.1); we copy from pristine.
+- Low-rank LoRAs on a layer are fused into ONE addmm: ranks concatenated, user weights folded
+  into `up`, no dense per-LoRA delta kept. Patches without factors (LoHa, LoKr, full diff)
+  and DoRA add `delta(pristine_fp32)`: always the pristine base, so the result does not
+  depend on stack order (InvokeAI feeds the already patched weight to later DoRAs).
+- The pristine copy of a touched tensor is snapshotted once, in CPU RAM (pinned for CUDA),
+  and never aliases the live tensor: InvokeAI #6559 patched its "read-only" copy in place on
+  CPU and every image after the first was noise.
+- Per tensor we keep the signature (ordered (lora, weight) pairs) of what is applied: the
+  same stack again does nothing, one moved slider recomputes only that LoRA's tensors.
+- Transactional: inputs are checked before any write; a failure half way puts every tensor
+  written by the call back to its previous state (recomputed from pristine, so bit-exact)
+  and is raised as one LoraError or OutOfMemory.
+- `unpatch_lora_by_vram_offload` (InvokeAI PR #6439 review, "Option 2"): instead of copying
+  pristine back in place, drop the live tensor and reload it from pristine right before the
+  next forward. The dropped tensor is a NaN placeholder of the right shape, dtype and device
+  that cannot be written to, so a patched copy can never pass for a clean one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from types import TracebackType
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from studio.errors import LoraError, OutOfMemory
+from studio.lora.base import LayerPatch, LoraFile
+from studio.lora.sidecar import (FP8_DTYPES, Entry, SidecarSet, check_sidecar_module, compute_dtype_for,
+                                 needs_sidecar)
+
+log = logging.getLogger(__name__)
+
+Stack = Sequence[tuple[LoraFile, float]]
+SlotKey = tuple[str, str, str]  # (component, module path, "weight" | "bias")
+Signature = tuple[tuple[int, float], ...]
+
+
+class LoraMode(str, Enum):
+    MERGED = "merged"  # full inference speed; weights rewritten on a switch
+    SIDECAR = "sidecar"  # instant switch; LoRA computed in forward
+    AUTO = "auto"  # merged, except modules that must not be merged into (fp8, streamed)
+
+
+class UnpatchPath(str, Enum):
+    NONE = "none"  # nothing was taken off
+    RESTORE = "restore_in_place"  # copy pristine RAM -> live tensor
+    OFFLOAD = "drop_and_reload"  # drop the live tensor; reload pristine before the next forward
+
+
+@dataclass(frozen=True)
+class PatcherSettings:
+    mode: LoraMode = LoraMode.MERGED
+    unpatch_lora_by_vram_offload: bool = False
+    compute_dtype: torch.dtype | None = None  # sidecar math; None: the weight dtype (bf16 for fp8)
+
+
+@dataclass
+class PatchStats:
+    """What one apply (or one lazy reload) did and what it cost; goes into the report."""
+
+    tensors_touched: int = 0  # written: patched, restored, dropped or reloaded
+    tensors_skipped: int = 0  # already in the asked state
+    tensors_restored: int = 0  # taken back to pristine (copied or dropped)
+    tensors_snapshotted: int = 0  # first touch: pristine copied to RAM
+    sidecars_changed: int = 0
+    sidecars_active: int = 0
+    bytes_snapshotted: int = 0
+    bytes_uploaded: int = 0  # host -> device (pristine and factors); 0 on CPU
+    bytes_written: int = 0  # into live weights
+    seconds: float = 0.0
+    unpatch_path: UnpatchPath = UnpatchPath.NONE
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.bytes_snapshotted + self.bytes_uploaded + self.bytes_written
+
+
+@dataclass
+class _Slot:
+    """One parameter the patcher has touched."""
+
+    module: nn.Module
+    attr: str
+    pristine: torch.Tensor  # CPU, never written after the snapshot
+    entries: list[Entry] = field(default_factory=list)  # what is applied (holds those LoraFiles alive)
+    dropped: bool = False  # live data is the NaN placeholder
+    stamp: tuple[int, str, int] | None = None  # live tensor after our last write: spots foreign writes
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    @property
+    def sig(self) -> Signature | None:
+        """What is applied, or None when someone else replaced or wrote the tensor since."""
+        return _sig(self.entries) if self.stamp == _stamp(self.param) else None
+
+
+def _sig(entries: Sequence[Entry]) -> Signature:
+    return tuple((id(lora), w) for lora, w, _ in entries)
+
+
+def _stamp(t: torch.Tensor) -> tuple[int, str, int]:
+    return (t.data_ptr(), str(t.device), t._version)
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class LoraPatcher:
+    """Owns the LoRA state of some pipeline components; `apply(stack)` moves it, `close()` ends it.
+
+    `components` maps "unet"/"text_encoder"/"text_encoder_2" to modules. `pristine_source`
+    (optional) returns the model cache's read-only RAM copy of a parameter ("mod.path.weight"),
+    so RAM is not spent twice; without it each tensor is snapshotted on first touch.
+    """
+
+    def __init__(self, components: Mapping[str, nn.Module], settings: PatcherSettings = PatcherSettings(), *,
+                 pristine_source: Callable[[str, str], torch.Tensor | None] | None = None,
+                 sidecar_predicate: Callable[[nn.Module], bool] = needs_sidecar):
+        self.components = dict(components)
+        self.settings = settings
+        self._pristine_source = pristine_source
+        self._sidecar_predicate = sidecar_predicate
+        self._slots: dict[SlotKey, _Slot] = {}
+        self._sidecars = SidecarSet()
+        self._modules: dict[tuple[str, str], nn.Module] = {}
+        self._checked: weakref.WeakValueDictionary[int, LoraFile] = weakref.WeakValueDictionary()
+        self._reload_hooks: dict[str, RemovableHandle] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        self.applied: list[tuple[LoraFile, float]] = []
+        self.last_reload = PatchStats(unpatch_path=UnpatchPath.OFFLOAD)  # lazy reloads since the last apply
+
+    # -- public API ------------------------------------------------------------------------
+    def configure(self, settings: PatcherSettings) -> None:
+        """New settings take effect at the next apply; no weight is touched here."""
+        self.settings = settings
+
+    def apply(self, stack: Stack) -> PatchStats:
+        """Make the weights equal `pristine + sum(w * delta)` for `stack`; says what it did."""
+        with self._lock, torch.no_grad():
+            if self._closed:
+                raise RuntimeError("LoraPatcher used after close()")
+            t0 = time.perf_counter()
+            stats = PatchStats()
+            try:
+                stack = [(lora, float(w)) for lora, w in stack]
+                merged, sidecar = self._plan(stack)
+            except BaseException as err:
+                _reraise(err)
+            self.last_reload = PatchStats(unpatch_path=UnpatchPath.OFFLOAD)
+            self._transition(merged, sidecar, stats)
+            self.applied = [(lora, w) for lora, w in stack if w != 0.0]
+            stats.sidecars_active = len(self._sidecars)
+            stats.seconds = time.perf_counter() - t0
+            log.debug("LoRA apply: %s", stats)
+            return stats
+
+    def clear(self) -> PatchStats:
+        """Take every LoRA off (weights bit-identical to pristine, or dropped for reload)."""
+        return self.apply([])
+
+    def materialize(self) -> PatchStats:
+        """Reload dropped weights now: call before reading or moving weights outside forward."""
+        with self._lock, torch.no_grad():
+            for component in list(self._reload_hooks):
+                self._reload(component)
+            return self.last_reload
+
+    def pristine(self, component: str, param: str) -> torch.Tensor | None:
+        """The pristine RAM copy of `component`'s parameter `param` ("mod.path.weight"), if touched."""
+        module, _, attr = param.rpartition(".")
+        slot = self._slots.get((component, module, attr))
+        return slot.pristine if slot else None
+
+    def close(self) -> None:
+        """Leave the model clean and whole (pristine weights, no hooks) and free the copies."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self.configure(replace(self.settings, unpatch_lora_by_vram_offload=False))
+                self.apply([])
+            finally:
+                try:
+                    self.materialize()
+                finally:
+                    self._sidecars.clear()
+                    for handle in self._reload_hooks.values():
+                        handle.remove()
+                    self._reload_hooks.clear()
+                    self._slots.clear()
+                    self.applied = []
+                    self._closed = True
+
+    def __enter__(self) -> LoraPatcher:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- planning: checks everything, writes nothing -------------------------------------------
+    def _plan(self, stack: list[tuple[LoraFile, float]]) -> tuple[dict[SlotKey, list[Entry]],
+                                                                    dict[tuple[str, str], list[Entry]]]:
+        merged: dict[SlotKey, list[Entry]] = {}
+        sidecar: dict[tuple[str, str], list[Entry]] = {}
+        mode = LoraMode(self.settings.mode)
+        for lora, w in stack:
+            if not isinstance(lora, LoraFile):
+                raise LoraError(f"a LoRA stack holds (LoraFile, weight) pairs, got {type(lora).__name__}")
+            if not math.isfinite(w):
+                raise LoraError(f"{lora.name}: `weight` must be a finite number, got {w}")
+            if w == 0.0:
+                continue  # the same as absent: nothing to compute, nothing to keep
+            checked = self._checked.get(id(lora)) is lora
+            for patch in lora.patches:
+                module = self._module(lora, patch.component, patch.module)
+                if not checked:
+                    _check_patch(lora, patch, module)
+                entry = (lora, w, patch)
+                if mode is LoraMode.SIDECAR or (mode is LoraMode.AUTO and self._sidecar_predicate(module)):
+                    check_sidecar_module(lora, patch.module, module)
+                    sidecar.setdefault((patch.component, patch.module), []).append(entry)
+                    continue
+                if module.weight.dtype in FP8_DTYPES:
+                    raise LoraError(f"{lora.name}: layer {patch.module} stores float8 weights, which cannot hold a "
+                                    "merged LoRA; use the sidecar or auto LoRA mode")
+                merged.setdefault((patch.component, patch.module, "weight"), []).append(entry)
+                if patch.bias_delta is not None:
+                    merged.setdefault((patch.component, patch.module, "bias"), []).append(entry)
+            self._checked[id(lora)] = lora
+        return merged, sidecar
+
+    def _module(self, lora: LoraFile, component: str, name: str) -> nn.Module:
+        module = self._modules.get((component, name))
+        if module is not None:
+            return module
+        root = self.components.get(component)
+        if root is None:
+            raise LoraError(f"{lora.name}: targets {component!r}, which this model does not have "
+                            f"(it has {sorted(self.components)})")
+        try:
+            module = root.get_submodule(name)
+        except AttributeError as err:
+            raise LoraError(f"{lora.name}: {component} has no layer {name!r}; is the file for another base "
+                            "model?") from err
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise LoraError(f"{lora.name}: layer {name} of {component} has no weight to patch")
+        self._modules[(component, name)] = module
+        return module
+
+    # -- the transition: journaled writes ------------------------------------------------------------
+    def _transition(self, merged: dict[SlotKey, list[Entry]], sidecar: dict[tuple[str, str], list[Entry]],
+                    stats: PatchStats) -> None:
+        offload = self.settings.unpatch_lora_by_vram_offload
+        journal: list[tuple[SlotKey, list[Entry], bool]] = []
+        car_journal: list[tuple[tuple[str, str], list[Entry]]] = []
+        checks: list[tuple[SlotKey, torch.Tensor]] = []
+        try:
+            for key in list(dict.fromkeys([*self._slots, *merged])):
+                entries = merged.get(key, [])
+                slot = self._slots.get(key)
+                if slot is not None and slot.sig == _sig(entries):
+                    stats.tensors_skipped += 1
+                    continue
+                slot = slot or self._snapshot(key, stats)
+                journal.append((key, slot.entries, slot.dropped))
+                flag = self._write(key, slot, entries, offload, stats)
+                if flag is not None:
+                    checks.append((key, flag))
+            for key in list(dict.fromkeys([*self._sidecars.keys(), *sidecar])):
+                entries = sidecar.get(key, [])
+                if _sig(self._sidecars.entries(key)) != _sig(entries):
+                    car_journal.append((key, self._sidecars.entries(key)))
+                    self._set_sidecar(key, entries)
+                    stats.sidecars_changed += 1
+            self._check_finite(checks)
+            if torch.cuda.is_available() and any(s.param.device.type == "cuda" for s in self._slots.values()):
+                torch.cuda.synchronize()  # one wait per apply: honest `seconds`, host-readable snapshots
+        except BaseException as err:
+            self._rollback(journal, car_journal)
+            _reraise(err)
+
+    def _snapshot(self, key: SlotKey, stats: PatchStats) -> _Slot:
+        module = self._modules[key[:2]]
+        live = getattr(module, key[2])
+        source = self._pristine_source(key[0], f"{key[1]}.{key[2]}") if self._pristine_source else None
+        if source is None or source.shape != live.shape or source.dtype != live.dtype or _shares_memory(source, live):
+            # Never `live.to("cpu")`: on CPU that returns the live tensor itself (InvokeAI #6559).
+            pin = live.device.type == "cuda"
+            source = torch.empty(live.shape, dtype=live.dtype, pin_memory=pin)
+            source.copy_(live.detach(), non_blocking=pin)  # stream-ordered before our writes
+            stats.tensors_snapshotted += 1
+            stats.bytes_snapshotted += _nbytes(source)
+        slot = self._slots[key] = _Slot(module, key[2], source, stamp=_stamp(live))
+        return slot
+
+    def _upload(self, t: torch.Tensor, device: torch.device, stats: PatchStats) -> torch.Tensor:
+        if device.type == "cpu":
+            return t
+        stats.bytes_uploaded += _nbytes(t)
+        src = t if t.is_pinned() else t.pin_memory()  # pinned, so the copy does not block the host
+        return src.to(device, non_blocking=True)
+
+    def _value(self, slot: _Slot, entries: list[Entry], device: torch.device,
+               stats: PatchStats) -> tuple[torch.Tensor, bool]:
+        """(pristine + sum(w * delta) in fp32 on `device` as a NEW [rows, -1] tensor, had dense parts)."""
+        p = slot.pristine
+        base = self._upload(p, device, stats).float().reshape(p.shape[0], -1)  # may alias pristine: read only
+        if slot.attr == "bias":
+            acc = base.clone()
+            for _lora, w, patch in entries:
+                acc.add_(self._upload(patch.bias_delta.float(), device, stats).reshape(acc.shape), alpha=w)
+            return acc, False
+        lowrank: list[tuple[float, tuple[torch.Tensor, torch.Tensor]]] = []
+        dense: list[tuple[float, LayerPatch]] = []
+        for _lora, w, patch in entries:
+            f = None if patch.depends_on_base else patch.factors()
+            if f is None:
+                dense.append((w, patch))
+            else:
+                lowrank.append((w, f))
+        if lowrank:  # one kernel for every low-rank LoRA of the layer
+            up = torch.cat([f[0] * w for w, f in lowrank], 1)
+            down = torch.cat([f[1] for _, f in lowrank], 0)
+            acc = torch.addmm(base, self._upload(up, device, stats), self._upload(down, device, stats))
+        else:
+            acc = base.clone()
+        for w, patch in dense:
+            # Patch tensors live in CPU RAM (LayerPatch has no `.to`), so these deltas are made there.
+            d = patch.delta(p.float()).float()
+            if d.numel() != acc.numel():
+                raise LoraError(f"layer {patch.module}: the delta has {d.numel()} values, the weight {acc.numel()}")
+            acc.add_(self._upload(d.reshape(acc.shape), device, stats), alpha=w)
+        return acc, bool(dense)
+
+    def _write(self, key: SlotKey, slot: _Slot, entries: list[Entry], offload: bool,
+               stats: PatchStats) -> torch.Tensor | None:
+        """Bring one tensor to `entries`; returns a device-side "not finite" flag when one is needed."""
+        param = slot.param
+        flag = None
+        if not entries and offload:
+            # 0-dim NaN expanded: right shape/dtype/device for `.device`/`.dtype` queries, no memory,
+            # in-place writes raise, and a forward that skipped the reload gives NaN, never "clean".
+            param.data = torch.full((), math.nan, dtype=param.dtype, device=param.device).expand(param.shape)
+            slot.dropped = True
+            self._ensure_reload_hook(key[0])
+            stats.unpatch_path = UnpatchPath.OFFLOAD
+        elif not entries:
+            if slot.dropped or _shares_memory(param, slot.pristine):
+                param.data = slot.pristine.to(param.device, copy=True, non_blocking=True)
+            else:
+                param.copy_(slot.pristine, non_blocking=True)
+            stats.unpatch_path = UnpatchPath.RESTORE
+            stats.bytes_uploaded += _nbytes(param) if param.device.type != "cpu" else 0
+            stats.bytes_written += _nbytes(param)
+            slot.dropped = False
+        else:
+            value, had_dense = self._value(slot, entries, param.device, stats)
+            if offload or slot.dropped or _shares_memory(param, slot.pristine):
+                # Out of place: the old live tensor is dropped, never made "clean" again.
+                param.data = value.to(param.dtype).reshape(param.shape)
+            else:
+                param.copy_(value.reshape(param.shape))  # the one rounding to the weight dtype
+            slot.dropped = False
+            stats.bytes_written += _nbytes(param)
+            if param.dtype == torch.float16 or had_dense:
+                # fp16 overflows past 65504 and dense formats can divide by zero (DoRA norms); fp32
+                # sums of finite low-rank factors cannot, so they skip this extra read.
+                flag = ~torch.isfinite(param).all()
+        stats.tensors_touched += 1
+        stats.tensors_restored += not entries
+        slot.entries = list(entries)
+        slot.stamp = _stamp(slot.param)
+        return flag
+
+    def _ensure_reload_hook(self, component: str) -> None:
+        if component not in self._reload_hooks:
+            root = self.components[component]
+            self._reload_hooks[component] = root.register_forward_pre_hook(lambda _m, _a: self._reload(component))
+
+    def _reload(self, component: str) -> None:
+        """Lazy half of the offload path: clean weights from pristine, right before they are used."""
+        with self._lock, torch.no_grad():
+            t0, stats = time.perf_counter(), self.last_reload
+            for (comp, _, _), slot in self._slots.items():
+                if comp == component and slot.dropped:
+                    param = slot.param
+                    param.data = slot.pristine.to(param.device, copy=True, non_blocking=True)
+                    slot.dropped, slot.stamp = False, _stamp(param)
+                    stats.tensors_touched += 1
+                    stats.bytes_written += _nbytes(param)
+                    stats.bytes_uploaded += _nbytes(param) if param.device.type != "cpu" else 0
+            handle = self._reload_hooks.pop(component, None)
+            if handle is not None:
+                handle.remove()
+            stats.seconds += time.perf_counter() - t0
+
+    def _set_sidecar(self, key: tuple[str, str], entries: list[Entry]) -> None:
+        module = self._modules[key]
+        slot = self._slots.get((*key, "weight"))
+        base = (lambda: slot.pristine) if slot is not None else (lambda: module.weight.detach())
+        self._sidecars.set(key, module, entries, base, compute_dtype_for(module, self.settings.compute_dtype))
+
+    def _check_finite(self, checks: list[tuple[SlotKey, torch.Tensor]]) -> None:
+        if checks:
+            bad = torch.stack([f.cpu() for _, f in checks])  # the one host sync of an apply
+            if bool(bad.any()):
+                key = checks[int(bad.nonzero()[0])][0]
+                raise LoraError(f"the LoRA stack makes {key[0]} layer {key[1]} non-finite (inf/NaN); "
+                                "lower its weights")
+
+    def _rollback(self, journal: list[tuple[SlotKey, list[Entry], bool]],
+                  car_journal: list[tuple[tuple[str, str], list[Entry]]]) -> None:
+        """Put back what this call changed, newest first; recomputing from pristine is bit-exact."""
+        scratch = PatchStats()
+        for key, entries, was_dropped in reversed(journal):
+            try:
+                self._write(key, self._slots[key], entries, was_dropped, scratch)
+            except Exception:  # noqa: BLE001 - cannot recompute (OOM): pristine is the honest fallback
+                log.exception("LoRA rollback of %s failed; restoring it to pristine", key)
+                self._write(key, self._slots[key], [], False, scratch)
+        for key, entries in reversed(car_journal):
+            try:
+                self._set_sidecar(key, entries)
+            except Exception:  # noqa: BLE001
+                log.exception("LoRA rollback of sidecar %s failed; removing it", key)
+                self._set_sidecar(key, [])
+
+
+def _check_patch(lora: LoraFile, patch: LayerPatch, module: nn.Module) -> None:
+    """Shapes against the module and finite values; once per LoRA object (cheap to repeat stacks)."""
+    shape = tuple(module.weight.shape)
+    want = getattr(patch, "weight_shape", None)
+    factors = patch.factors()
+    if want is not None and tuple(want) != shape:
+        bad = list(want)
+    elif factors is not None and (factors[0].shape[0] != shape[0] or factors[1].shape[1] != math.prod(shape[1:])
+                                  or factors[0].shape[1] != factors[1].shape[0]):
+        bad = [factors[0].shape[0], factors[1].shape[1]]
+    else:
+        bad = None
+    if bad is not None:
+        raise LoraError(f"{lora.name}: layer {patch.module} has weight shape {list(shape)}, the file expects "
+                        f"{bad}; is the file for another base model?")
+    if patch.bias_delta is not None:
+        bias = getattr(module, "bias", None)
+        if bias is None or tuple(bias.shape) != tuple(patch.bias_delta.shape):
+            raise LoraError(f"{lora.name}: layer {patch.module}: bias change of shape {list(patch.bias_delta.shape)} "
+                            f"does not fit its bias {None if bias is None else list(bias.shape)}")
+    extra = [patch.bias_delta] if patch.bias_delta is not None else []
+    if not all(bool(torch.isfinite(t).all()) for t in patch.tensors() + extra):
+        raise LoraError(f"{lora.name}: layer {patch.module} holds NaN or inf values; the file is damaged")
+
+
+def _reraise(err: BaseException) -> None:
+    """Raise one LoraError or OutOfMemory for the user; other BaseExceptions (Ctrl-C) pass unchanged."""
+    if isinstance(err, (LoraError, OutOfMemory)) or not isinstance(err, Exception):
+        raise err
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower():
+        raise OutOfMemory(f"out of memory while applying LoRAs; the weights were restored ({err})") from err
+    raise LoraError(f"applying the LoRA stack failed; the weights were restored ({type(err).__name__}: {err})") \
+        from err
