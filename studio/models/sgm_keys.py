@@ -209,11 +209,16 @@ def from_sgm(component: str, get: Callable[[str], torch.Tensor], shapes: Mapping
              config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """One component's diffusers state dict, reading each SGM tensor through `get` (shapes: the model's)."""
     out: dict[str, torch.Tensor] = {}
+    fused: dict[str, tuple[torch.Tensor, int]] = {}  # in_proj read once, kept until q, k and v took their third
     for key, (name, part) in sgm_names(component, shapes, config).items():
-        tensor = get(name)
         if part is not None:
-            tensor = tensor.chunk(3, dim=0)[part].clone()  # own storage, not three views of one
-        elif name == TE2_PREFIX + "text_projection":
+            whole, taken = fused.pop(name, None) or (get(name), 0)
+            if taken < 2:
+                fused[name] = (whole, taken + 1)
+            out[key] = whole.chunk(3, dim=0)[part].clone()  # own storage, not three views of one
+            continue
+        tensor = get(name)
+        if name == TE2_PREFIX + "text_projection":
             tensor = tensor.T.contiguous()
         elif _is_vae_attention_projection(name):
             tensor = tensor.reshape(tuple(shapes[key]))

@@ -1,10 +1,11 @@
 """Single-file SDXL checkpoints in the original (Stability SGM, "A1111") key layout.
 
 Most people download SDXL as one `.safetensors` file with SGM names. We read its
-header first (never a tensor, never a pickle) to say what it is, check every key
-and shape against the architecture before loading, then let diffusers convert it
-offline against the configs and tokenizers shipped in assets/. Saving is our own
-exact inverse of that conversion (`sgm_keys`), so bake/export round-trips bit for bit.
+header first (never a tensor, never a pickle) to say what it is and check every key
+and shape against the architecture, then convert the keys ourselves (`sgm_keys`)
+and build the pipeline offline from the configs and tokenizers shipped in assets/.
+Saving is the exact inverse, checked against diffusers' own converters in the tests,
+so a save/load round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import logging
 import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from studio.errors import ModelLoadError
+from studio.errors import ModelLoadError, OutOfMemory
 from studio.models import sgm_keys
 from studio.models.sgm_keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
 from studio.paths import SDXL_BASE_CONFIG_DIR, TINY_MODEL_DIR
@@ -45,7 +46,7 @@ SAFETENSORS_METADATA = {"format": "pt", "modelspec.sai_model_spec": "1.0.0",
                         "modelspec.architecture": "stable-diffusion-xl-v1-base", "modelspec.implementation": "sgm"}
 
 
-class Architecture(str, Enum):
+class Architecture(StrEnum):
     """What a checkpoint holds, by the config folder that describes it."""
 
     SDXL_BASE = "sdxl-base"
@@ -67,22 +68,25 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[int, ...]
         raise _refuse(path, "no such file" if not path.exists() else "is not a file")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise _refuse(path, f"is a {path.suffix} pickle; {_PICKLE_ADVICE}")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        # torch.save writes a zip (PK\3\4) or, before 1.6, a bare pickle (0x80 + protocol 2..5)
-        if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-            raise _refuse(path, f"holds a pickle, not safetensors data; {_PICKLE_ADVICE}")
-        if path.suffix.lower() != ".safetensors":
-            raise _refuse(path, f"is not a .safetensors file (suffix {path.suffix or 'none'!r})")
-        if size == 0:
-            raise _refuse(path, "is empty (0 bytes)")
-        if len(head) < 8:
-            raise _refuse(path, f"is truncated ({size} bytes, too short for a safetensors header)")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(_MAX_HEADER_BYTES, size - 8):
-            raise _refuse(path, f"has a truncated or corrupt header (says {length} bytes, file has {size})")
-        raw = f.read(length)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            # torch.save writes a zip (PK\3\4) or, before 1.6, a bare pickle (0x80 + protocol 2..5)
+            if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+                raise _refuse(path, f"holds a pickle, not safetensors data; {_PICKLE_ADVICE}")
+            if path.suffix.lower() != ".safetensors":
+                raise _refuse(path, f"is not a .safetensors file (suffix {path.suffix or 'none'!r})")
+            if size == 0:
+                raise _refuse(path, "is empty (0 bytes)")
+            if len(head) < 8:
+                raise _refuse(path, f"is truncated ({size} bytes, too short for a safetensors header)")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(_MAX_HEADER_BYTES, size - 8):
+                raise _refuse(path, f"has a truncated or corrupt header (says {length} bytes, file has {size})")
+            raw = f.read(length)
+    except OSError as err:
+        raise _refuse(path, f"cannot be read ({err.strerror or err.__class__.__name__})") from err
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -120,13 +124,13 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=None)
-def signature(arch: Architecture) -> dict[str, tuple[int, ...]]:
-    """A few cheap-to-derive keys whose shapes tell the architectures apart (read from the config JSON only)."""
+def signature(arch: Architecture) -> Mapping[str, tuple[int, ...]]:
+    """A few keys whose shapes tell the architectures apart, from the config JSON alone (no torch models)."""
     unet = _json(arch.config_dir / "unet" / "config.json")
     te1 = _json(arch.config_dir / "text_encoder" / "config.json")
     te2 = _json(arch.config_dir / "text_encoder_2" / "config.json")
     width = unet["block_out_channels"][0]
-    return {
+    return MappingProxyType({
         UNET_PREFIX + "input_blocks.0.0.weight": (width, unet["in_channels"], 3, 3),
         UNET_PREFIX + "label_emb.0.0.weight": (4 * width, unet["projection_class_embeddings_input_dim"]),
         UNET_PREFIX + "middle_block.1.transformer_blocks.0.attn2.to_k.weight":
@@ -134,7 +138,7 @@ def signature(arch: Architecture) -> dict[str, tuple[int, ...]]:
         TE1_PREFIX + "text_model.embeddings.token_embedding.weight": (te1["vocab_size"], te1["hidden_size"]),
         TE2_PREFIX + "positional_embedding": (te2["max_position_embeddings"], te2["hidden_size"]),
         TE2_PREFIX + "text_projection": (te2["hidden_size"], te2["projection_dim"]),
-    }
+    })
 
 
 def classify(shapes: Mapping[str, Sequence[int]], name: str = "checkpoint") -> Architecture:
@@ -162,8 +166,9 @@ def classify(shapes: Mapping[str, Sequence[int]], name: str = "checkpoint") -> A
         raise refuse("looks like Stable Diffusion 2.x (cond_stage_model.model)")
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
-        if any(k.startswith(("down_blocks.", "unet.", "text_model.", "encoder.", "decoder.")) for k in keys):
-            raise refuse("looks like one component in diffusers layout; load its model folder instead")
+        part = next((k for k in keys if k.startswith(("down_blocks.", "text_model.", "encoder.", "decoder."))), None)
+        if part:
+            raise refuse(f"holds a single component (keys like {part}), not a whole checkpoint")
         raise refuse("has no model.diffusion_model UNet; it is not a Stable Diffusion checkpoint")
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys) and not has("conditioner.embedders.1."):
         raise refuse(f"looks like an SDXL refiner (OpenCLIP only, UNet conv_in {list(conv_in)})")
@@ -218,9 +223,9 @@ def _meta_components(arch: Architecture) -> SimpleNamespace:
 
 
 @lru_cache(maxsize=None)
-def expected_shapes(arch: Architecture) -> dict[str, tuple[int, ...]]:
+def expected_shapes(arch: Architecture) -> Mapping[str, tuple[int, ...]]:
     """Every key and shape a checkpoint of `arch` has, from its config folder on the meta device."""
-    return {key: tuple(t.shape) for key, t in to_sgm_state_dict(_meta_components(arch)).items()}
+    return MappingProxyType({key: tuple(t.shape) for key, t in to_sgm_state_dict(_meta_components(arch)).items()})
 
 
 def check_keys(shapes: Mapping[str, Sequence[int]], arch: Architecture, name: str) -> None:
@@ -286,7 +291,9 @@ def load_single_file(path: str | os.PathLike[str], torch_dtype: torch.dtype) -> 
         pipe = StableDiffusionXLPipeline.from_pretrained(str(arch.config_dir), local_files_only=True, **models)
     except ModelLoadError as err:
         raise ModelLoadError(f"{path.name}: {err}") from err
-    except Exception as err:  # noqa: BLE001 - whatever broke, the user gets one line naming the file
+    except MemoryError as err:
+        raise OutOfMemory(f"{path.name}: not enough RAM to load it as {arch.value} in {torch_dtype}") from err
+    except Exception as err:  # whatever broke inside diffusers/transformers, the user gets one line naming the file
         first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
         raise ModelLoadError(f"{path.name}: could not be loaded as {arch.value}: {first}") from err
     return pipe
