@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
@@ -31,7 +32,7 @@ from studio.report import PhaseTimer, Report
 from studio.request import GenerationRequest
 from studio.runtime import Runtime, resolve_runtime
 from studio.samplers import make_scheduler
-from studio.settings import Settings
+from studio.settings import SETTING_INFO, Applies, Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,26 @@ class Session:
         self._current: CancelToken | None = None
         self._pipe = None
         self.model: ModelInfo | None = None
+        self.history: deque[Report] = deque(maxlen=200)  # this session's reports, oldest first
+
+    def apply_settings(self, settings: Settings) -> dict[str, Applies]:
+        """Take new settings; returns the changed fields and when each takes effect.
+
+        Device/precision/model changes reload the model at the next generation (or now via
+        load_model); "restart" fields are kept in the settings for the next start.
+        """
+        settings = settings.validated()
+        changed = {name: SETTING_INFO[name].applies for name in SETTING_INFO
+                   if getattr(settings, name) != getattr(self.settings, name)}
+        runtime = resolve_runtime(settings.device, settings.precision)  # raises before anything changes
+        with self._lock:
+            self.settings = settings
+            if any(applies is Applies.MODEL_RELOAD for applies in changed.values()):
+                self.runtime = runtime
+                self._pipe = None  # reloaded by the next generation
+                self.model = None
+                release_freed_memory()
+        return changed
 
     # ---- model ---------------------------------------------------------------------------
 
@@ -160,8 +181,12 @@ class Session:
 
     def status(self) -> dict:
         with self._state_lock:
-            return {"busy": self._current is not None, "waiting": self._waiting,
-                    "model": self.model.to_dict() if self.model else None, "rss": rss_bytes()}
+            status = {"busy": self._current is not None, "waiting": self._waiting,
+                      "model": self.model.to_dict() if self.model else None, "rss": rss_bytes()}
+        if self.runtime.device.type == "cuda":
+            status["cuda_allocated"] = torch.cuda.memory_allocated(self.runtime.device)
+            status["cuda_reserved"] = torch.cuda.memory_reserved(self.runtime.device)
+        return status
 
     def cancel_current(self) -> bool:
         """Stop the running job at its next step; returns whether one was running."""
@@ -220,6 +245,7 @@ class Session:
                 report.phases = {k: round(v, 5) for k, v in timer.phases.items()}
         report.memory = {"peak_rss": rss.peak, "rss": rss_bytes(), **peaks}
         report.outputs = [str(path)]
+        self.history.append(report)
         return GenerationResult(images=[image], paths=[Path(path)], report=report, infotext=infotext,
                                 seeds=[request.seed])
 

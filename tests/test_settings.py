@@ -69,3 +69,22 @@ def test_env_override_puts_every_folder_under_one_root(tmp_path, monkeypatch):
     for folder in (dirs.config, dirs.data, dirs.cache):
         assert folder.is_dir() and folder.is_relative_to(tmp_path / "portable")
     assert dirs.settings_file == tmp_path / "portable" / "config" / "settings.toml"
+
+
+def test_every_setting_says_when_it_applies():
+    from studio.settings import SETTING_INFO, field_names
+
+    assert sorted(SETTING_INFO) == sorted(field_names())
+
+
+def test_session_applies_settings_and_flags_a_reload(session_dirs):
+    from studio.session import Session
+    from studio.settings import Applies, Precision
+
+    session = Session(Settings(device="cpu", precision=Precision.BF16), session_dirs)
+    changed = session.apply_settings(session.settings.replace(default_steps=9, precision="fp32"))
+    assert changed == {"default_steps": Applies.NOW, "precision": Applies.MODEL_RELOAD}
+    assert session.runtime.dtype_name == "float32" and session.settings.default_steps == 9
+    with pytest.raises(SettingsError, match="fp16 on the CPU"):
+        session.apply_settings(session.settings.replace(precision="fp16"))
+    assert session.settings.precision == Precision.FP32  # a refused change leaves the old settings
