@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(parser)
     parser.add_argument("--port", type=int, help="UI port (default: the settings' port, 7860)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public Gradio link (login required; a password is generated if none is set)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("ui", help="start the browser UI (the default)")
     gen = sub.add_parser("generate", help="generate headless and print a short report",
