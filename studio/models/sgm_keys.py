@@ -88,8 +88,9 @@ def unet_blocks(config: Mapping[str, Any]) -> list[BlockMap]:
             if attends:
                 blocks.append(BlockMap(f"up_blocks.{level}.attentions.{j}", f"output_blocks.{index}.1", {}))
             if j == layers[levels - 1 - level] and level < levels - 1:
-                slot = 2 if attends else 1
-                blocks.append(BlockMap(f"up_blocks.{level}.upsamplers.0.conv", f"output_blocks.{index}.{slot}.conv", {}))
+                slot = 2 if attends else 1  # after the resnet and, where there is one, the transformer
+                blocks.append(BlockMap(f"up_blocks.{level}.upsamplers.0.conv",
+                                       f"output_blocks.{index}.{slot}.conv", {}))
             index += 1
     return blocks
 
@@ -107,8 +108,8 @@ def vae_blocks(config: Mapping[str, Any]) -> list[BlockMap]:
                    BlockMap(f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", _VAE_RESNET)]
     layers = config["layers_per_block"]
     for level in range(levels):
-        blocks += [BlockMap(f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}", _VAE_RESNET)
-                   for j in range(layers)]
+        blocks += [BlockMap(f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}",
+                            _VAE_RESNET) for j in range(layers)]
         if level < levels - 1:
             blocks.append(BlockMap(f"encoder.down_blocks.{level}.downsamplers.0", f"encoder.down.{level}.downsample", {}))
         up = levels - 1 - level

@@ -135,6 +135,32 @@ def test_save_is_the_exact_inverse_of_diffusers_conversion(tiny_pipe, tiny_file:
         assert not bad, f"{component}: {len(bad)} tensors differ from diffusers' reading: {bad[:10]}"
 
 
+def test_diffusers_own_loader_reads_our_file_bit_exactly(tiny_pipe, tmp_path: Path, no_network: list[object]) -> None:
+    """Interop: diffusers' `from_single_file` loads what we write. It needs TE2 wider than TE1 (it tells the
+    encoders apart by width; the tiny model's are equal, which is why we do not use it ourselves)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from studio.models import architectures as arch
+
+    torch.manual_seed(0)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**arch.TINY_TE2, "hidden_size": 48, "projection_dim": 48,
+                                                         "num_attention_heads": 3}))
+    unet = UNet2DConditionModel(**{**arch.TINY_UNET, "cross_attention_dim": 32 + 48,
+                                   "projection_class_embeddings_input_dim": 6 * 8 + 48})
+    pipe = StableDiffusionXLPipeline(vae=tiny_pipe.vae, text_encoder=tiny_pipe.text_encoder, text_encoder_2=te2,
+                                     tokenizer=tiny_pipe.tokenizer, tokenizer_2=tiny_pipe.tokenizer_2, unet=unet,
+                                     scheduler=tiny_pipe.scheduler)
+    pipe.save_pretrained(tmp_path / "config")
+    save_single_file(pipe, tmp_path / "wide.safetensors")
+    theirs = StableDiffusionXLPipeline.from_single_file(
+        str(tmp_path / "wide.safetensors"), config=str(tmp_path / "config"), local_files_only=True,
+        torch_dtype=torch.float32)
+    for component in COMPONENTS:
+        bad = differing(getattr(pipe, component).state_dict(), getattr(theirs, component).state_dict())
+        assert not bad, f"{component}: {len(bad)} tensors differ: {bad[:10]}"
+
+
 def test_save_in_bfloat16_and_load_in_bfloat16(tiny_pipe, tmp_path: Path) -> None:
     path = tmp_path / "bf16.safetensors"
     save_single_file(tiny_pipe, path, dtype=torch.bfloat16)
