@@ -111,7 +111,8 @@ def vae_blocks(config: Mapping[str, Any]) -> list[BlockMap]:
         blocks += [BlockMap(f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}",
                             _VAE_RESNET) for j in range(layers)]
         if level < levels - 1:
-            blocks.append(BlockMap(f"encoder.down_blocks.{level}.downsamplers.0", f"encoder.down.{level}.downsample", {}))
+            blocks.append(BlockMap(f"encoder.down_blocks.{level}.downsamplers.0",
+                                   f"encoder.down.{level}.downsample", {}))
         up = levels - 1 - level
         blocks += [BlockMap(f"decoder.up_blocks.{level}.resnets.{j}", f"decoder.up.{up}.block.{j}", _VAE_RESNET)
                    for j in range(layers + 1)]

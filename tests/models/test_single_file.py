@@ -14,6 +14,7 @@ import socket
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,19 +38,19 @@ from studio.models.single_file import (
 )
 from studio.paths import TINY_MODEL_DIR
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @pytest.fixture(scope="module")
-def tiny_pipe():
+def tiny_pipe() -> Any:
+    """The embedded tiny SDXL in float32, as the app loads it from its diffusers folder."""
     from diffusers import StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline.from_pretrained(TINY_MODEL_DIR, torch_dtype=torch.float32, local_files_only=True)
 
 
 @pytest.fixture(scope="module")
-def tiny_file(tiny_pipe, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_file(tiny_pipe: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("single") / "tiny-sdxl.safetensors"
     save_single_file(tiny_pipe, path)
     return path
@@ -82,7 +83,7 @@ def differing(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> l
 # ---------------------------------------------------------------- round trip
 
 
-def test_round_trip_is_bit_exact_and_offline(tiny_pipe, tiny_file: Path, no_network: list[object]) -> None:
+def test_round_trip_is_bit_exact_and_offline(tiny_pipe: Any, tiny_file: Path, no_network: list[object]) -> None:
     assert inspect_checkpoint(tiny_file) == "tiny-sdxl"
     loaded = load_single_file(tiny_file, torch.float32)
     for component in COMPONENTS:
@@ -98,7 +99,7 @@ def test_round_trip_is_bit_exact_and_offline(tiny_pipe, tiny_file: Path, no_netw
     assert not loaded.unet.training and not loaded.text_encoder_2.training
 
 
-def test_saved_file_has_the_original_layout(tiny_pipe, tiny_file: Path) -> None:
+def test_saved_file_has_the_original_layout(tiny_pipe: Any, tiny_file: Path) -> None:
     shapes, metadata = read_header(tiny_file)
     assert metadata["format"] == "pt"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
@@ -118,7 +119,7 @@ def test_saved_file_has_the_original_layout(tiny_pipe, tiny_file: Path) -> None:
                        unet["up_blocks.0.upsamplers.0.conv.weight"])
 
 
-def test_save_is_the_exact_inverse_of_diffusers_conversion(tiny_pipe, tiny_file: Path) -> None:
+def test_save_is_the_exact_inverse_of_diffusers_conversion(tiny_pipe: Any, tiny_file: Path) -> None:
     """diffusers' own LDM converters, fed our file, give back the original tensors bit for bit."""
     from diffusers.loaders import single_file_utils as su
 
@@ -135,7 +136,9 @@ def test_save_is_the_exact_inverse_of_diffusers_conversion(tiny_pipe, tiny_file:
         assert not bad, f"{component}: {len(bad)} tensors differ from diffusers' reading: {bad[:10]}"
 
 
-def test_diffusers_own_loader_reads_our_file_bit_exactly(tiny_pipe, tmp_path: Path, no_network: list[object]) -> None:
+def test_diffusers_own_loader_reads_our_file_bit_exactly(
+    tiny_pipe: Any, tmp_path: Path, no_network: list[object]
+) -> None:
     """Interop: diffusers' `from_single_file` loads what we write. It needs TE2 wider than TE1 (it tells the
     encoders apart by width; the tiny model's are equal, which is why we do not use it ourselves)."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -161,7 +164,7 @@ def test_diffusers_own_loader_reads_our_file_bit_exactly(tiny_pipe, tmp_path: Pa
         assert not bad, f"{component}: {len(bad)} tensors differ: {bad[:10]}"
 
 
-def test_save_in_bfloat16_and_load_in_bfloat16(tiny_pipe, tmp_path: Path) -> None:
+def test_save_in_bfloat16_and_load_in_bfloat16(tiny_pipe: Any, tmp_path: Path) -> None:
     path = tmp_path / "bf16.safetensors"
     save_single_file(tiny_pipe, path, dtype=torch.bfloat16)
     with safe_open(str(path), framework="pt") as f:
@@ -174,7 +177,7 @@ def test_save_in_bfloat16_and_load_in_bfloat16(tiny_pipe, tmp_path: Path) -> Non
         assert not bad, f"{component}: {bad[:10]}"
 
 
-def test_save_refuses_other_suffixes_and_leaves_nothing(tiny_pipe, tmp_path: Path) -> None:
+def test_save_refuses_other_suffixes_and_leaves_nothing(tiny_pipe: Any, tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"model\.ckpt: .*\.safetensors"):
         save_single_file(tiny_pipe, tmp_path / "model.ckpt")
     assert list(tmp_path.iterdir()) == []
