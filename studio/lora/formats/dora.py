@@ -5,12 +5,14 @@ strength and the norm is taken per output row or per input column, depending on 
 convention (checked against the trainers' source):
 
 - kohya/LyCORIS `dora_scale` (modules/locon.py, loha.py, lokr.py `apply_weight_decompose`):
-  default shape [1, in(, 1, 1)] -> norm over every axis except 1 (per input column);
-  with `wd_on_out` [out, 1(, 1, 1)] -> norm over every axis except 0 (per output row).
-  We tell the two apart by shape, as ComfyUI does; a 1-D vector with in == out is read as
-  the default (per input column). LyCORIS adds float32 eps to the norm; so do we.
+  shaped [1, in(, 1, 1)] -> norm over every axis except 1 (per input column: early LyCORIS
+  and A1111 network.py); shaped [out, 1(, 1, 1)] -> norm over every axis except 0 (per output
+  row: `wd_on_out`, the default in LyCORIS 4.1.3). We tell them apart by shape, as ComfyUI
+  does; a 1-D vector with in == out is read per input column. LyCORIS adds float32 eps to
+  the norm; so do we. Both axes match LyCORIS 4.1.3's merge to 4e-7 relative.
 - peft `lora_magnitude_vector` (tuners/lora/dora.py `get_weight_norm`): shape [out] for
-  Linear, [1, out, 1, 1] for conv; norm per output row over all other axes; no eps.
+  Linear, [1, out, 1, 1] for conv; norm per output row over all other axes; no eps
+  (tests compare with peft's own merge).
 
 At user weight w the patcher adds w * delta(W) (A1111's convention for DoRA strength).
 The delta depends on the base weight, so depends_on_base is True and factors() is None.

@@ -8,6 +8,8 @@ Convention (LyCORIS modules/loha.py, A1111 network_hada.py):
 - delta = (alpha / r) * (w1 * w2) (Hadamard product), r = hada_w1_b.shape[0];
   alpha missing or 0 means scale 1. The product of two rank-r matrices has rank up to
   r^2, so there are no factors: factors() is None.
+- Matches LyCORIS 4.1.3's training forward (`get_weight`) to 1.5e-7 relative; its
+  `get_diff_weight` multiplies by the scale a second time, which A1111/ComfyUI do not.
 """
 
 from __future__ import annotations

@@ -3,13 +3,15 @@
 Convention (LyCORIS modules/lokr.py, A1111 network_lokr.py, ComfyUI weight_adapter/lokr.py):
 
 - w1 = `lokr_w1` [a, c], or factorised `lokr_w1_a` [a, r] @ `lokr_w1_b` [r, c].
-- w2 = `lokr_w2` [b, d(, kh, kw)], or `lokr_w2_a` [b, r] @ `lokr_w2_b` [r, d*kh*kw], or Tucker
+- w2 = `lokr_w2` [b, d(, kh, kw)], or `lokr_w2_a` [b, r] @ `lokr_w2_b` [r, d*kh*kw] (or [r, d, kh, kw]), or Tucker
   `lokr_t2` [r, r, kh, kw] with `lokr_w2_a` [r, b], `lokr_w2_b` [r, d].
 - delta = kron(w1, w2 flattened to [b, d*kh*kw]) reshaped to the weight [a*b, c*d, kh, kw]
   (identical to LyCORIS's 4-D kron with w1 unsqueezed).
 - scale = alpha / r only when a factorised half exists (r = w2_b.shape[0], else w1_b.shape[0],
   as A1111/ComfyUI read it); with both halves full LyCORIS forces alpha = r, so scale 1.
-  A missing alpha means scale 1.
+  A missing alpha means scale 1. (LyCORIS 4.1.3's own loader takes the rank of a Tucker file
+  from w2_a.shape[1], which is b, not r; trainers and A1111/ComfyUI use r, so do we.)
+- Checked against LyCORIS 4.1.3 `functional.lokr` on every layer kind: identical (rel. err 0).
 """
 
 from __future__ import annotations
@@ -38,21 +40,26 @@ class LokrPatch(LayerPatch):
 
     def halves(self) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.parts
-        w1 = p["lokr_w1"].float() if "lokr_w1" in p else p["lokr_w1_a"].float() @ p["lokr_w1_b"].float()
+        w1 = p["lokr_w1"].float() if "lokr_w1" in p else _matmul(p["lokr_w1_a"], p["lokr_w1_b"])
         if "lokr_w2" in p:
             w2 = p["lokr_w2"].float()
         elif "lokr_t2" in p:
             w2 = rebuild_tucker(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
         else:
-            w2 = p["lokr_w2_a"].float() @ p["lokr_w2_b"].float()
+            w2 = _matmul(p["lokr_w2_a"], p["lokr_w2_b"])
         return w1, w2.reshape(w2.shape[0], -1)
 
     def delta(self, base: torch.Tensor) -> torch.Tensor:
         w1, w2 = self.halves()
-        return (torch.kron(w1, w2) * self.scale).reshape(self.weight_shape)
+        return (torch.kron(w1.contiguous(), w2.contiguous()) * self.scale).reshape(self.weight_shape)
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.parts.values())
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [m, r] @ b [r, ...] with b's trailing axes flattened (LyCORIS 4 writes conv w2_b as [r, d, kh, kw])."""
+    return a.float() @ b.float().reshape(b.shape[0], -1)
 
 
 def _half_shape(group: LayerGroup, n: int) -> tuple[int, int]:
