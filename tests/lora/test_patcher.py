@@ -66,15 +66,17 @@ def test_apply_equals_pristine_plus_sum_rounded_once(dtype):
 
 def test_clear_is_bit_identical_and_pristine_never_aliases(comps, loras):
     pristine = pf.snapshot(comps)
+    keys = [(p.component, f"{p.module}.weight") for lo in (loras["A"], loras["B"]) for p in lo.patches]
+    before = {k: comps[k[0]].get_parameter(k[1]).untyped_storage().data_ptr() for k in keys}
     patcher = LoraPatcher(comps)
     patcher.apply([(loras["A"], 1.0), (loras["B"], 0.5)])
-    keys = [(p.component, f"{p.module}.weight") for lo in (loras["A"], loras["B"]) for p in lo.patches]
     for comp, name in keys:
         live = comps[comp].get_parameter(name)
         copy = patcher.pristine(comp, name)
         assert copy.device.type == "cpu"
         # the InvokeAI #6559 bug: on CPU the "read-only" copy was the live tensor itself
-        assert copy.untyped_storage().data_ptr() != live.untyped_storage().data_ptr()
+        assert copy.untyped_storage().data_ptr() not in (before[(comp, name)], live.untyped_storage().data_ptr())
+        assert live.untyped_storage().data_ptr() == before[(comp, name)]  # merged in place, not reallocated
         assert torch.equal(copy, pristine[comp][name])
     stats = patcher.clear()
     assert stats.unpatch_path is UnpatchPath.RESTORE
