@@ -1,25 +1,24 @@
 """Bring a model's weights to the state a LoRA stack asks for, touching only what changes.
 
-Rules (DESIGN.md 4, each learned from a peer's bug):
-- A merged weight is `pristine + sum(w_i * delta_i)`, accumulated in fp32 from the pristine
-  tensor and rounded once. Never unpatch by subtraction: diffusers' `unfuse_lora` drifts by
-  4.9e-3 in bf16 after 40 switches (research/diffusers.md 0.1); we copy from pristine.
-- Low-rank LoRAs on a layer are fused into ONE addmm: ranks concatenated, user weights folded
-  into `up`, no dense per-LoRA delta kept. Patches without factors (LoHa, LoKr, full diff)
-  and DoRA add `delta(pristine_fp32)`: always the pristine base, so the result does not
-  depend on stack order (InvokeAI feeds the already patched weight to later DoRAs).
-- The pristine copy of a touched tensor is snapshotted once, in CPU RAM (pinned for CUDA),
-  and never aliases the live tensor: InvokeAI #6559 patched its "read-only" copy in place on
-  CPU and every image after the first was noise.
-- Per tensor we keep the signature (ordered (lora, weight) pairs) of what is applied: the
-  same stack again does nothing, one moved slider recomputes only that LoRA's tensors.
-- Transactional: inputs are checked before any write; a failure half way puts every tensor
-  written by the call back to its previous state (recomputed from pristine, so bit-exact)
-  and is raised as one LoraError or OutOfMemory.
-- `unpatch_lora_by_vram_offload` (InvokeAI PR #6439 review, "Option 2"): instead of copying
-  pristine back in place, drop the live tensor and reload it from pristine right before the
-  next forward. The dropped tensor is a NaN placeholder of the right shape, dtype and device
-  that cannot be written to, so a patched copy can never pass for a clean one.
+Rules (DESIGN.md 4), each learned from a peer's bug:
+- Merged weight = `pristine + sum(w_i * delta_i)`, accumulated in fp32 from the pristine tensor
+  and rounded once; restore is a copy from pristine. Never subtract: diffusers' `unfuse_lora`
+  drifts by 4.9e-3 in bf16 after 40 switches (research/diffusers.md 0.1).
+- All low-rank LoRAs of a layer are ONE addmm (ranks concatenated, user weights folded into
+  `up`, no dense per-LoRA delta). Other patches (LoHa, LoKr, full, DoRA) add
+  `delta(pristine_fp32)`: always the pristine base, so the result does not depend on stack
+  order (InvokeAI feeds the already patched weight to later DoRAs).
+- Pristine copies live in CPU RAM (pinned for CUDA), snapshotted on first touch, and never
+  alias the live tensor: InvokeAI #6559 patched its "read-only" copy in place on CPU.
+- Per tensor, the ordered (lora, weight) pairs applied are kept: the same stack again does
+  nothing, a moved slider recomputes only that LoRA's tensors.
+- Transactional: everything is checked before any write; a failure half way rewrites each
+  tensor the call touched to its previous state (from pristine, so bit-exact) and is raised
+  as one LoraError or OutOfMemory.
+- `unpatch_lora_by_vram_offload` (InvokeAI PR #6439 review, "Option 2"): drop the live tensor
+  instead of copying pristine into it, and reload from pristine right before the next forward.
+  The dropped tensor is an expanded NaN scalar (right shape, dtype, device; no memory; writes
+  raise), so a patched copy can never pass for a clean one.
 """
 
 from __future__ import annotations
@@ -291,11 +290,13 @@ class LoraPatcher:
                 if flag is not None:
                     checks.append((key, flag))
             for key in list(dict.fromkeys([*self._sidecars.keys(), *sidecar])):
-                entries = sidecar.get(key, [])
-                if _sig(self._sidecars.entries(key)) != _sig(entries):
-                    car_journal.append((key, self._sidecars.entries(key)))
-                    self._set_sidecar(key, entries)
-                    stats.sidecars_changed += 1
+                entries, old = sidecar.get(key, []), self._sidecars.entries(key)
+                dtype = compute_dtype_for(self._modules[key], self.settings.compute_dtype)
+                if _sig(old) == _sig(entries) and self._sidecars.dtype(key) in (None, dtype):
+                    continue
+                car_journal.append((key, old))
+                self._set_sidecar(key, entries)
+                stats.sidecars_changed += 1
             self._check_finite(checks)
             if torch.cuda.is_available() and any(s.param.device.type == "cuda" for s in self._slots.values()):
                 torch.cuda.synchronize()  # one wait per apply: honest `seconds`, host-readable snapshots
@@ -366,7 +367,9 @@ class LoraPatcher:
             # in-place writes raise, and a forward that skipped the reload gives NaN, never "clean".
             param.data = torch.full((), math.nan, dtype=param.dtype, device=param.device).expand(param.shape)
             slot.dropped = True
-            self._ensure_reload_hook(key[0])
+            if key[0] not in self._reload_hooks:
+                self._reload_hooks[key[0]] = self.components[key[0]].register_forward_pre_hook(
+                    lambda _m, _a, c=key[0]: self._reload(c))
             stats.unpatch_path = UnpatchPath.OFFLOAD
         elif not entries:
             if slot.dropped or _shares_memory(param, slot.pristine):
@@ -396,11 +399,6 @@ class LoraPatcher:
         slot.stamp = _stamp(slot.param)
         return flag
 
-    def _ensure_reload_hook(self, component: str) -> None:
-        if component not in self._reload_hooks:
-            root = self.components[component]
-            self._reload_hooks[component] = root.register_forward_pre_hook(lambda _m, _a: self._reload(component))
-
     def _reload(self, component: str) -> None:
         """Lazy half of the offload path: clean weights from pristine, right before they are used."""
         with self._lock, torch.no_grad():
@@ -425,10 +423,13 @@ class LoraPatcher:
         self._sidecars.set(key, module, entries, base, compute_dtype_for(module, self.settings.compute_dtype))
 
     def _check_finite(self, checks: list[tuple[SlotKey, torch.Tensor]]) -> None:
-        if checks:
-            bad = torch.stack([f.cpu() for _, f in checks])  # the one host sync of an apply
-            if bool(bad.any()):
-                key = checks[int(bad.nonzero()[0])][0]
+        by_device: dict[torch.device, list[tuple[SlotKey, torch.Tensor]]] = {}
+        for key, flag in checks:
+            by_device.setdefault(flag.device, []).append((key, flag))
+        for items in by_device.values():
+            bad = torch.stack([f for _, f in items])
+            if bool(bad.any()):  # the one host sync per device of an apply
+                key = items[int(bad.nonzero()[0])][0]
                 raise LoraError(f"the LoRA stack makes {key[0]} layer {key[1]} non-finite (inf/NaN); "
                                 "lower its weights")
 
@@ -479,7 +480,7 @@ def _reraise(err: BaseException) -> None:
     """Raise one LoraError or OutOfMemory for the user; other BaseExceptions (Ctrl-C) pass unchanged."""
     if isinstance(err, (LoraError, OutOfMemory)) or not isinstance(err, Exception):
         raise err
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower():
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower():
         raise OutOfMemory(f"out of memory while applying LoRAs; the weights were restored ({err})") from err
     raise LoraError(f"applying the LoRA stack failed; the weights were restored ({type(err).__name__}: {err})") \
         from err

@@ -70,6 +70,7 @@ class _Sidecar:
     def __init__(self, module: nn.Module, entries: Sequence[Entry], base: Callable[[], torch.Tensor],
                  dtype: torch.dtype):
         self.entries = list(entries)
+        self.dtype = dtype
         self.down: torch.Tensor | None = None  # [R, in] or conv kernel [R, in, kh, kw]
         self.up: torch.Tensor | None = None  # [out, R] or [out, R, 1, 1], user weights folded in
         self.dense: torch.Tensor | None = None  # weight-shaped, for patches without factors
@@ -140,6 +141,10 @@ class SidecarSet:
     def entries(self, key: ModuleKey) -> list[Entry]:
         car = self._cars.get(key)
         return car.entries if car else []
+
+    def dtype(self, key: ModuleKey) -> torch.dtype | None:
+        car = self._cars.get(key)
+        return car.dtype if car else None
 
     def keys(self) -> list[ModuleKey]:
         return list(self._cars)

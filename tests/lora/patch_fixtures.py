@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 from pathlib import Path
 
 import torch
@@ -172,7 +171,8 @@ def expected_state(pristine: dict[str, dict[str, torch.Tensor]], stack: list[tup
             base32 = base.float().reshape(base.shape[0], -1)
             low = [(w, p.factors()) for w, p in items if not p.depends_on_base and p.factors() is not None]
             if low:
-                acc = torch.addmm(base32, torch.cat([f[0] * w for w, f in low], 1), torch.cat([f[1] for _, f in low], 0))
+                up = torch.cat([f[0] * w for w, f in low], 1)
+                acc = torch.addmm(base32, up, torch.cat([f[1] for _, f in low], 0))
             else:
                 acc = base32.clone()
             for w, p in items:
@@ -246,7 +246,3 @@ def forward_all(components: dict[str, nn.Module], seed: int = 0) -> dict[str, to
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / max(b.double().abs().max(), 1e-12))
-
-
-def finite(x: float) -> bool:
-    return math.isfinite(x)

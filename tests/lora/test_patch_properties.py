@@ -101,7 +101,7 @@ def test_any_sequence_keeps_weights_exact(pool, ops):
             elif op[0] == "fail":
                 # a layer some LoRA of the pool also touches, reached after others were rewritten
                 target = pool[op[1] % 3].patches[-1]
-                error = RuntimeError("injected") if op[2] == "runtime" else torch.OutOfMemoryError("injected")
+                error = RuntimeError("injected") if op[2] == "runtime" else torch.cuda.OutOfMemoryError("injected")
                 bad = pf.make_lora("bad", [pf.FailingPatch(target.component, target.module, error)])
                 # the failing stack also moves every weight and adds the whole pool, so many
                 # tensors are rewritten before the failing layer is reached, and must be put back

@@ -118,7 +118,7 @@ def test_order_of_the_stack_is_part_of_the_signature(comps, loras):
 
 
 @pytest.mark.parametrize("error, raised", [(RuntimeError("injected"), LoraError),
-                                           (torch.OutOfMemoryError("CUDA out of memory (injected)"), OutOfMemory),
+                                           (torch.cuda.OutOfMemoryError("CUDA out of memory (injected)"), OutOfMemory),
                                            (MemoryError(), OutOfMemory)])
 def test_failure_half_way_restores_every_tensor(comps, loras, error, raised):
     a, b = loras["A"], loras["B"]
@@ -342,3 +342,34 @@ def test_timings_are_reported(comps, loras):
         t0 = time.perf_counter()
         stats = patcher.apply([(loras["A"], 1.0)])
         assert 0 < stats.seconds <= time.perf_counter() - t0
+
+
+def test_demo_loras_through_the_cache_and_the_patcher(comps):
+    """End to end with the real reader: parse once, pin for the job, apply exactly, switch to sidecar."""
+    reader = pytest.importorskip("studio.lora.reader")
+    from studio.lora.cache import LoraCache
+    from studio.lora.keymap import tiny_index
+    from studio.paths import DEMO_LORA_DIR
+
+    index = tiny_index()
+    cache = LoraCache(64 << 20, lambda path: reader.read_lora(path, index))
+    pristine = pf.snapshot(comps)
+    files = sorted(DEMO_LORA_DIR.glob("*.safetensors"))
+    with LoraPatcher(comps) as patcher:
+        for attempt in range(2):
+            pins = [cache.pin(f) for f in files]
+            try:
+                assert all(p.hit == (attempt == 1) for p in pins)
+                stack = [(p.lora, 0.7 - 0.2 * i) for i, p in enumerate(pins)]
+                patcher.configure(PatcherSettings())
+                patcher.apply(stack)
+                assert pf.mismatches(comps, pf.expected_state(pristine, stack)) == []
+                merged = pf.forward_all(comps)
+                patcher.configure(PatcherSettings(mode=LoraMode.SIDECAR))
+                patcher.apply(stack)
+                side = pf.forward_all(comps)
+                assert all(pf.rel_err(side[k], merged[k]) < 2e-5 for k in side)
+            finally:
+                for p in pins:
+                    p.release()
+    assert pf.mismatches(comps, pristine) == []
