@@ -140,3 +140,28 @@ def test_tiny_model_names_are_a_subset_of_sdxl(sdxl):
         big = sdxl.get(info.component, info.path)
         assert big is not None and big.block == info.block, info.path
         assert tiny.kohya_key(info) == sdxl.kohya_key(big)
+
+
+def test_lora_compatible_layers_and_a_unet_without_config():
+    """diffusers' LoRACompatible* are Linear/Conv2d; a bare module's SGM map comes from its names."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.lora import LoRACompatibleConv, LoRACompatibleLinear
+    from torch import nn
+
+    from studio.models.architectures import TINY_UNET
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**TINY_UNET)
+        te = nn.Module()
+        te.add_module("q_proj", LoRACompatibleLinear(8, 16))
+        te.add_module("conv", LoRACompatibleConv(4, 6, 3))
+    bare = nn.Module()  # same modules, no .config
+    for name, child in unet.named_children():
+        bare.add_module(name, child)
+    index = ModelIndex.from_modules({"unet": bare, "text_encoder": te})
+    assert index.get("text_encoder", "q_proj").shape == (16, 8)
+    assert index.get("text_encoder", "conv").shape == (6, 4, 3, 3)
+    tiny = tiny_index()
+    for info in tiny.modules("unet"):
+        assert index.sgm_path(info.path) == tiny.sgm_path(info.path)
