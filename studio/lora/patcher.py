@@ -419,7 +419,8 @@ class LoraPatcher:
     def _set_sidecar(self, key: tuple[str, str], entries: list[Entry]) -> None:
         module = self._modules[key]
         slot = self._slots.get((*key, "weight"))
-        base = (lambda: slot.pristine) if slot is not None else (lambda: module.weight.detach())
+        # patch tensors live in RAM, so dense deltas are made there from a RAM base
+        base = (lambda: slot.pristine) if slot is not None else (lambda: module.weight.detach().to("cpu"))
         self._sidecars.set(key, module, entries, base, compute_dtype_for(module, self.settings.compute_dtype))
 
     def _check_finite(self, checks: list[tuple[SlotKey, torch.Tensor]]) -> None:

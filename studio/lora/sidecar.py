@@ -64,6 +64,13 @@ def compute_dtype_for(module: nn.Module, requested: torch.dtype | None) -> torch
     return torch.bfloat16 if dtype in FP8_DTYPES else dtype
 
 
+def _place(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host tensor -> device without a host sync (pinned + non_blocking) when CUDA."""
+    if device.type == "cuda":
+        return t.to(dtype).pin_memory().to(device, non_blocking=True)
+    return t.to(device, dtype)
+
+
 class _Sidecar:
     """The extra tensors and the forward hook of one module."""
 
@@ -102,28 +109,35 @@ class _Sidecar:
             if conv:
                 up = up.reshape(shape[0], -1, 1, 1)
                 down = down.reshape(down.shape[0], *shape[1:])
-            self.up, self.down = up.to(device, dtype), down.to(device, dtype)
+            self.up, self.down = _place(up, device, dtype), _place(down, device, dtype)
         if dense is not None:
-            self.dense = dense.to(device, dtype)
+            self.dense = _place(dense, device, dtype)
         if bias is not None:
-            self.bias = bias.to(device, dtype).reshape(-1, 1, 1) if conv else bias.to(device, dtype)
+            self.bias = _place(bias.reshape(-1, 1, 1) if conv else bias, device, dtype)
+        self.device = device
         self.handle = module.register_forward_hook(self, with_kwargs=True)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                  output: torch.Tensor) -> torch.Tensor:
         x = args[0] if args else kwargs["input"]
+        if x.device != self.device:
+            # Follow the activations: a streamed module's weight may sit in RAM while it runs on
+            # the GPU. Moved once and kept there.
+            for name in ("down", "up", "dense", "bias"):
+                if getattr(self, name) is not None:
+                    setattr(self, name, getattr(self, name).to(x.device))
+            self.device = x.device
+        cast = (lambda t: t) if x.dtype == self.dtype else (lambda t: t.to(x.dtype))
         extra: torch.Tensor | None = None
         conv = isinstance(module, nn.Conv2d)
         if self.down is not None and self.up is not None:
-            down, up = self.down.to(x.dtype), self.up.to(x.dtype)  # no-ops in the usual case
-            h = module._conv_forward(x, down, None) if conv else F.linear(x, down)
-            extra = F.conv2d(h, up) if conv else F.linear(h, up)
+            h = module._conv_forward(x, cast(self.down), None) if conv else F.linear(x, cast(self.down))
+            extra = F.conv2d(h, cast(self.up)) if conv else F.linear(h, cast(self.up))
         if self.dense is not None:
-            dense = self.dense.to(x.dtype)
-            d = module._conv_forward(x, dense, None) if conv else F.linear(x, dense)
+            d = module._conv_forward(x, cast(self.dense), None) if conv else F.linear(x, cast(self.dense))
             extra = d if extra is None else extra + d
         if self.bias is not None:
-            extra = self.bias.to(x.dtype) if extra is None else extra + self.bias.to(x.dtype)
+            extra = cast(self.bias) if extra is None else extra + cast(self.bias)
         return output if extra is None else output + extra.to(output.dtype)
 
     @property
