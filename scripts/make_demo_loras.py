@@ -171,7 +171,8 @@ def check(paths: list[Path], steps: int = 4, seed: int = 0) -> None:
         for (component, module_path), w in ours.items():
             module = getattr(pipe, component).get_submodule(module_path)
             fused = module.base_layer.weight if hasattr(module, "base_layer") else module.weight
-            worst = max(worst, float((fused.detach() - w).abs().max() / (w - pristine[(component, module_path)]).abs().max()))
+            change = (w - pristine[(component, module_path)]).abs().max()
+            worst = max(worst, float((fused.detach() - w).abs().max() / change))
         pipe.unfuse_lora()
         pipe.unload_lora_weights()
         for (component, module_path), w in pristine.items():  # unfuse subtracts; restore exactly

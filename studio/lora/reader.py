@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from studio.errors import LoraError
 from studio.lora import metadata as md
@@ -148,7 +148,7 @@ def _load_tensors(path: Path, header: Header) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for key in header.shapes:
                 tensors[key] = f.get_tensor(key)
-    except Exception as err:  # safetensors raises its own SafetensorError; say it in one line
+    except (SafetensorError, OSError, RuntimeError) as err:  # offsets our header check allows but the format not
         raise _fail(path, f"corrupt tensor data ({err})") from None
     for key, t in tensors.items():
         if t.is_floating_point():
@@ -192,8 +192,8 @@ def inspect_lora(path: str | Path, with_hash: bool = False) -> LoraInfo:
     header = read_header(path)
     base, evidence = md.detect_base_model(header.metadata, header.shapes)
     components = sorted({c for k in header.shapes for c, heads in _COMPONENT_HEADS.items() if k.startswith(heads)})
-    stored = md.short_hash(path, header.length, header.metadata) if with_hash or "sshs_model_hash" in header.metadata else None
     meta = header.metadata
+    stored = md.short_hash(path, header.length, meta) if with_hash or "sshs_model_hash" in meta else None
     return LoraInfo(path=path, name=path.stem, size_bytes=path.stat().st_size, format=guess_format(header.shapes),
                     base_model=base, base_model_evidence=evidence, n_tensors=len(header.shapes),
                     components=tuple(components),

@@ -163,7 +163,8 @@ def test_shape_mismatch_names_the_layer_and_both_shapes(tmp_path):
     refused(path, "shape mismatch", info.path, "[64, 64]", "[32, 4]", "[4, 64]")
     conv = ix.get("unet", "down_blocks.0.resnets.1.conv1")
     prefix = ix.kohya_key(conv)
-    tensors = {f"{prefix}.lora_down.weight": torch.zeros(4, 32, 1, 1), f"{prefix}.lora_up.weight": torch.zeros(32, 4, 1, 1)}
+    tensors = {f"{prefix}.lora_down.weight": torch.zeros(4, 32, 1, 1),
+               f"{prefix}.lora_up.weight": torch.zeros(32, 4, 1, 1)}
     refused(fx.write(tmp_path / "kernel.safetensors", tensors), "shape mismatch", "[32, 32, 3, 3]", "[4, 32, 1, 1]")
 
 
@@ -193,3 +194,12 @@ def test_same_layer_named_twice(tmp_path):
     tensors = fx.with_prefix(ix.kohya_key(info, sgm=True), fx.kohya_layer(info, g, 2, 1.0))
     tensors |= fx.with_prefix(ix.kohya_key(info, sgm=False), fx.kohya_layer(info, g, 2, 1.0))
     refused(fx.write(tmp_path / "twice.safetensors", tensors), "twice")
+
+
+def test_tensor_data_the_format_rejects(tmp_path):
+    """Each entry fits the file, but the offsets leave a hole: safetensors refuses, in one line."""
+    header = {"lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "holes.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+    refused(path, "corrupt tensor data")

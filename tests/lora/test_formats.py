@@ -161,7 +161,8 @@ def test_peft_unprefixed_metadata_and_old_diffusers_spellings(tmp_path):
     te = ix.get("text_encoder_2", "text_model.encoder.layers.1.self_attn.v_proj")
     tensors = {}
     lq, lo, lt = fx.peft_layer(q, g, 2), fx.peft_layer(out, g, 2), fx.peft_layer(te, g, 2)
-    tensors[f"unet.{q.path}.lora.down.weight"], tensors[f"unet.{q.path}.lora.up.weight"] = lq["lora_A.weight"], lq["lora_B.weight"]
+    tensors[f"unet.{q.path}.lora.down.weight"] = lq["lora_A.weight"]
+    tensors[f"unet.{q.path}.lora.up.weight"] = lq["lora_B.weight"]
     attn = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora"
     tensors[f"{attn}.down.weight"], tensors[f"{attn}.up.weight"] = lo["lora_A.weight"], lo["lora_B.weight"]
     tep = f"text_encoder_2.{te.path}.lora_linear_layer"
@@ -220,7 +221,8 @@ def test_lokr(tmp_path, w1, w2):
         if w2 == "full":
             m2 = s[f"{p}.lokr_w2"]
         elif w2 == "tucker":
-            m2 = torch.einsum("i j k l, j r, i p -> p r k l", s[f"{p}.lokr_t2"], s[f"{p}.lokr_w2_b"], s[f"{p}.lokr_w2_a"])
+            t2, w2a, w2b = s[f"{p}.lokr_t2"], s[f"{p}.lokr_w2_a"], s[f"{p}.lokr_w2_b"]
+            m2 = torch.einsum("i j k l, j r, i p -> p r k l", t2, w2b, w2a)
         else:
             m2 = (s[f"{p}.lokr_w2_a"] @ s[f"{p}.lokr_w2_b"]).reshape(-1, info.shape[1] // m1.shape[1], *kw)
         if m2.dim() == 4:  # LyCORIS make_kron: w1 gets the kernel axes
@@ -289,13 +291,15 @@ def test_peft_dora_matches_peft_merge(tmp_path):
         layer["lora_magnitude_vector"] = fx.rand(g, *mag_shape).abs() + 1.0
         tensors |= fx.with_prefix(fx.peft_prefix(info), layer)
         infos[(info.component, info.path)] = info
-    meta = {"lora_adapter_metadata": json.dumps({f"{c}.lora_alpha": 6 for c in ("unet", "text_encoder", "text_encoder_2")})}
+    alphas = {f"{c}.lora_alpha": 6 for c in ("unet", "text_encoder", "text_encoder_2")}
+    meta = {"lora_adapter_metadata": json.dumps(alphas)}
     lora, s = read(tmp_path, tensors, meta)
     assert lora.format == "dora"
     for key, patch in patches_by_module(lora).items():
         info, p = infos[key], f"{key[0]}.{key[1]}"
         w = fx.base_weight(info)
-        expected = peft_merge_delta(w, s[f"{p}.lora_A.weight"], s[f"{p}.lora_B.weight"], 6, s[f"{p}.lora_magnitude_vector"])
+        a, b, mag = s[f"{p}.lora_A.weight"], s[f"{p}.lora_B.weight"], s[f"{p}.lora_magnitude_vector"]
+        expected = peft_merge_delta(w, a, b, 6, mag)
         torch.testing.assert_close(patch.delta(w), expected, rtol=1e-5, atol=1e-6)
 
 

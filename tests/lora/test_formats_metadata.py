@@ -59,10 +59,12 @@ def test_hash_ignores_metadata_and_prefers_sshs_model_hash(tmp_path):
 def test_inspect_reads_the_header_only(tmp_path):
     info = fx.samples()[0]
     tensors = fx.with_prefix(fx.index().kohya_key(info), fx.kohya_layer(info, fx.gen(0), 2, 1.0))
-    path = fx.write(tmp_path / "nan-inside.safetensors", tensors | {"x.lora_up.weight": torch.full((2, 2), float("nan"))},
+    tensors["x.lora_up.weight"] = torch.full((2, 2), float("nan"))
+    path = fx.write(tmp_path / "nan-inside.safetensors", tensors,
                     {"ss_output_name": "Pretty", "ss_base_model_version": "sdxl_base_v1-0"})
     summary = inspect_lora(path)  # no tensor is read, so the NaN is not seen here
-    assert (summary.title, summary.format, summary.base_model, summary.components) == ("Pretty", "kohya", "sdxl", ("unet",))
+    got = (summary.title, summary.format, summary.base_model, summary.components)
+    assert got == ("Pretty", "kohya", "sdxl", ("unet",))
     assert summary.n_tensors == 4 and summary.short_hash is None
 
 
@@ -76,7 +78,8 @@ def test_format_guess_from_header(tmp_path):
         "lokr": fx.with_prefix(ix.kohya_key(lin), fx.lokr_layer(lin, g, "full", "lowrank", 2, 1.0)),
         "peft": fx.with_prefix(fx.peft_prefix(lin), fx.peft_layer(lin, g, 2)),
         "full": fx.with_prefix(ix.kohya_key(lin), fx.full_layer(lin, g, True)),
-        "dora": fx.with_prefix(fx.peft_prefix(lin), fx.peft_layer(lin, g, 2) | {"lora_magnitude_vector": torch.ones(64)}),
+        "dora": fx.with_prefix(fx.peft_prefix(lin),
+                               fx.peft_layer(lin, g, 2) | {"lora_magnitude_vector": torch.ones(64)}),
     }
     for expected, tensors in cases.items():
         path = fx.write(tmp_path / f"{expected}.safetensors", tensors)

@@ -43,4 +43,5 @@ def build(group: LayerGroup, ctx: ParseContext) -> LayerPatch:
         raise mismatch(group, f"diff {shape_str(diff.shape)}")
     if bias is not None and bias.numel() != shape[0]:
         raise mismatch(group, f"diff_b {shape_str(bias.shape)} (bias of {shape[0]})")
-    return FullPatch(group.target.component, group.target.path, diff, shape, bias.reshape(-1) if bias is not None else None)
+    bias = bias.reshape(-1) if bias is not None else None
+    return FullPatch(group.target.component, group.target.path, diff, shape, bias)

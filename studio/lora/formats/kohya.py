@@ -33,7 +33,8 @@ def build(group: LayerGroup, ctx: ParseContext) -> LayerPatch:
         raise ValueError(f"incomplete {group.where}: {missing}.weight is missing")
     rank = down.shape[0]
     if mid is not None:
-        if mid.dim() != 4 or mid.shape[0] != rank or mid.shape[1] != rank or down.numel() // rank != group.target.shape[1]:
+        fits = mid.dim() == 4 and mid.shape[:2] == (rank, rank) and down.numel() // rank == group.target.shape[1]
+        if not fits:
             raise ValueError(f"shape mismatch at {group.where}: lora_mid {shape_str(mid.shape)} does not fit "
                              f"lora_down {shape_str(down.shape)} for weight {shape_str(group.target.shape)}")
         down = fold_mid(mid, down)
