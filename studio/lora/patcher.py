@@ -98,6 +98,14 @@ class _Slot:
     pristine: torch.Tensor  # CPU, never written after the snapshot
     entries: list[Entry] = field(default_factory=list)  # what is applied (holds those LoraFiles alive)
     dropped: bool = False  # live data is the NaN placeholder
+    copied: torch.cuda.Event | None = None  # pending device->host snapshot copy
+
+    def host_pristine(self) -> torch.Tensor:
+        """Pristine for reading on the host: waits for its own snapshot copy, nothing else."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+        return self.pristine
     stamp: tuple[int, str, int] | None = None  # live tensor after our last write: spots foreign writes
 
     @property
@@ -191,7 +199,7 @@ class LoraPatcher:
         """The pristine RAM copy of `component`'s parameter `param` ("mod.path.weight"), if touched."""
         module, _, attr = param.rpartition(".")
         slot = self._slots.get((component, module, attr))
-        return slot.pristine if slot else None
+        return slot.host_pristine() if slot else None
 
     def close(self) -> None:
         """Leave the model clean and whole (pristine weights, no hooks) and free the copies."""
@@ -316,6 +324,9 @@ class LoraPatcher:
             stats.tensors_snapshotted += 1
             stats.bytes_snapshotted += _nbytes(source)
         slot = self._slots[key] = _Slot(module, key[2], source, stamp=_stamp(live))
+        if live.device.type == "cuda":
+            slot.copied = torch.cuda.Event()
+            slot.copied.record()
         return slot
 
     def _upload(self, t: torch.Tensor, device: torch.device, stats: PatchStats) -> torch.Tensor:
@@ -351,7 +362,7 @@ class LoraPatcher:
             acc = base.clone()
         for w, patch in dense:
             # Patch tensors live in CPU RAM (LayerPatch has no `.to`), so these deltas are made there.
-            d = patch.delta(p.float()).float()
+            d = patch.delta(slot.host_pristine().float()).float()
             if d.numel() != acc.numel():
                 raise LoraError(f"layer {patch.module}: the delta has {d.numel()} values, the weight {acc.numel()}")
             acc.add_(self._upload(d.reshape(acc.shape), device, stats), alpha=w)
@@ -420,7 +431,7 @@ class LoraPatcher:
         module = self._modules[key]
         slot = self._slots.get((*key, "weight"))
         # patch tensors live in RAM, so dense deltas are made there from a RAM base
-        base = (lambda: slot.pristine) if slot is not None else (lambda: module.weight.detach().to("cpu"))
+        base = slot.host_pristine if slot is not None else (lambda: module.weight.detach().to("cpu"))
         self._sidecars.set(key, module, entries, base, compute_dtype_for(module, self.settings.compute_dtype))
 
     def _check_finite(self, checks: list[tuple[SlotKey, torch.Tensor]]) -> None:

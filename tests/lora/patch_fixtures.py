@@ -119,7 +119,7 @@ def make_dense(components: dict[str, nn.Module], comp: str, name: str, gen: torc
 
 
 def make_dora(components: dict[str, nn.Module], comp: str, name: str, rank: int, gen: torch.Generator) -> DoraLikePatch:
-    w = module_of(components, comp, name).weight.detach().float().flatten(1)
+    w = module_of(components, comp, name).weight.detach().cpu().float().flatten(1)
     up = torch.randn((w.shape[0], rank), generator=gen) * 0.05
     down = torch.randn((rank, w.shape[1]), generator=gen) * 0.05
     magnitude = w.norm(dim=1) * (1 + 0.1 * torch.randn(w.shape[0], generator=gen))
@@ -235,12 +235,15 @@ def unet_inputs(components: dict[str, nn.Module], seed: int = 0, dtype: torch.dt
 @torch.no_grad()
 def forward_all(components: dict[str, nn.Module], seed: int = 0) -> dict[str, torch.Tensor]:
     """One forward of each component on fixed inputs (the outputs a generation depends on)."""
-    ids = te_inputs(components, seed)
-    dtype = components["unet"].dtype
+    device, dtype = components["unet"].device, components["unet"].dtype
+    ids = te_inputs(components, seed).to(device)
+    unet_in = unet_inputs(components, seed, dtype)
+    unet_in = {k: v.to(device) if torch.is_tensor(v) else {n: t.to(device) for n, t in v.items()}
+               for k, v in unet_in.items()}
     return {
         "text_encoder": components["text_encoder"](ids).last_hidden_state,
         "text_encoder_2": components["text_encoder_2"](ids).text_embeds,
-        "unet": components["unet"](**unet_inputs(components, seed, dtype)).sample,
+        "unet": components["unet"](**unet_in).sample,
     }
 
 

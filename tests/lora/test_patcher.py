@@ -324,6 +324,7 @@ def test_cuda_pristine_is_pinned_ram_and_restore_is_exact():
     comps = {k: v.cuda() for k, v in pf.fresh_components().items()}
     pristine = {c: {k: v.cpu() for k, v in sd.items()} for c, sd in pf.snapshot(comps).items()}
     a = pf.random_lora(comps, "A", 1, n_layers=30, kinds=("lowrank", "dense", "dora"))
+    base = pf.forward_all(comps)
     for offload in (False, True):
         with LoraPatcher(comps, PatcherSettings(unpatch_lora_by_vram_offload=offload)) as patcher:
             stats = patcher.apply([(a, 1.0)])
@@ -331,8 +332,14 @@ def test_cuda_pristine_is_pinned_ram_and_restore_is_exact():
             p = a.patches[0]
             copy = patcher.pristine(p.component, f"{p.module}.weight")
             assert copy.device.type == "cpu" and copy.is_pinned()
+            assert torch.equal(copy, pristine[p.component][f"{p.module}.weight"])
+            merged = pf.forward_all(comps)
+            patcher.configure(PatcherSettings(mode=LoraMode.SIDECAR, unpatch_lora_by_vram_offload=offload))
+            patcher.apply([(a, 1.0)])
+            side = pf.forward_all(comps)  # reloads what the switch dropped, then runs the sidecars
+            assert all(pf.rel_err(side[k], merged[k]) < 1e-3 for k in side)  # TF32 matmuls on CUDA
             patcher.clear()
-            patcher.materialize()
+            assert all(torch.equal(v, base[k]) for k, v in pf.forward_all(comps).items())
             got = {c: {k: v.cpu() for k, v in m.state_dict().items()} for c, m in comps.items()}
             assert all(torch.equal(got[c][k], pristine[c][k]) for c in got for k in got[c])
 
