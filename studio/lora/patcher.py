@@ -99,6 +99,7 @@ class _Slot:
     entries: list[Entry] = field(default_factory=list)  # what is applied (holds those LoraFiles alive)
     dropped: bool = False  # live data is the NaN placeholder
     copied: torch.cuda.Event | None = None  # pending device->host snapshot copy
+    stamp: tuple[int, str, int] | None = None  # live tensor after our last write: spots foreign writes
 
     def host_pristine(self) -> torch.Tensor:
         """Pristine for reading on the host: waits for its own snapshot copy, nothing else."""
@@ -106,7 +107,6 @@ class _Slot:
             self.copied.synchronize()
             self.copied = None
         return self.pristine
-    stamp: tuple[int, str, int] | None = None  # live tensor after our last write: spots foreign writes
 
     @property
     def param(self) -> nn.Parameter:
@@ -306,7 +306,7 @@ class LoraPatcher:
                 self._set_sidecar(key, entries)
                 stats.sidecars_changed += 1
             self._check_finite(checks)
-            if torch.cuda.is_available() and any(s.param.device.type == "cuda" for s in self._slots.values()):
+            if (journal or car_journal) and torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()  # one wait per apply: honest `seconds`, host-readable snapshots
         except BaseException as err:
             self._rollback(journal, car_journal)
@@ -339,8 +339,12 @@ class LoraPatcher:
     def _value(self, slot: _Slot, entries: list[Entry], device: torch.device,
                stats: PatchStats) -> tuple[torch.Tensor, bool]:
         """(pristine + sum(w * delta) in fp32 on `device` as a NEW [rows, -1] tensor, had dense parts)."""
-        p = slot.pristine
-        base = self._upload(p, device, stats).float().reshape(p.shape[0], -1)  # may alias pristine: read only
+        p, live = slot.pristine, slot.param
+        if not slot.entries and not slot.dropped and slot.stamp == _stamp(live):
+            base = live.detach()  # live is clean: bit-identical to pristine and already on the device
+        else:
+            base = self._upload(p, device, stats)
+        base = base.float().reshape(p.shape[0], -1)  # may alias pristine or live: read only
         if slot.attr == "bias":
             acc = base.clone()
             for _lora, w, patch in entries:
