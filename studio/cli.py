@@ -29,6 +29,24 @@ def add_common_options(parser: argparse.ArgumentParser, suppress: bool = False) 
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs", **default)
 
 
+def lora_arg(text: str) -> tuple[str, float]:
+    """NAME_OR_PATH[:WEIGHT] -> (name, weight); the weight defaults to 1."""
+    name, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return name, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="NAME_OR_PATH:WEIGHT",
+                        help="apply a LoRA (repeatable); a name is looked up in the LoRA folders")
+    parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                        help="also look for LoRAs in DIR (repeatable; added to the settings' folders)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch.py",
@@ -52,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, default=0, help="width, multiple of 8 (default: the model's native size)")
     gen.add_argument("--height", type=int, default=0, help="height, multiple of 8 (default: native size)")
     gen.add_argument("--sampler", default="Euler", help="Euler, 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras', DDIM, UniPC")
+    add_lora_options(gen)
     gen.add_argument("--out", type=Path, help="write the PNG here (default: the outputs folder)")
     gen.add_argument("--report", type=Path, help="write the report JSON here")
     gen.add_argument("--jobs", type=Path, help="a JSONL file: one request object per line "
-                                               "(keys: prompt, negative, seed, steps, cfg, width, height, sampler)")
+                                               "(keys: prompt, negative, seed, steps, cfg, width, height, sampler, "
+                                               "loras: [[name, weight], ...]; <lora:name:weight> tags work too)")
     gen.add_argument("--out-dir", type=Path, help="with --jobs: write NNNN.png and NNNN.json here")
     return parser
 
@@ -68,6 +88,8 @@ def _session(args: argparse.Namespace):
     dirs = app_dirs()
     settings = load_settings(dirs.settings_file)
     overrides = {k: getattr(args, k) for k in ("model", "device", "precision") if getattr(args, k, None)}
+    if getattr(args, "lora_dir", None):
+        overrides["lora_dirs"] = [*args.lora_dir, *settings.lora_dirs]
     if overrides:
         settings = settings.replace(**overrides)
     return Session(settings, dirs)
@@ -81,7 +103,8 @@ def _request_from_args(args: argparse.Namespace, settings) -> "GenerationRequest
     return GenerationRequest(prompt=args.prompt, negative=args.negative, seed=args.seed,
                              steps=args.steps if args.steps is not None else settings.default_steps,
                              cfg=args.cfg if args.cfg is not None else settings.default_cfg,
-                             width=args.width, height=args.height, sampler=args.sampler).validated()
+                             width=args.width, height=args.height, sampler=args.sampler,
+                             loras=tuple(args.lora)).validated()
 
 
 def _read_jobs(path: Path, settings) -> list:

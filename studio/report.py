@@ -65,6 +65,11 @@ class Report:
         if "cuda_peak_allocated" in self.memory:
             mem.append(f"VRAM peak {self.memory['cuda_peak_allocated'] / mb:.0f} MB allocated, "
                        f"{self.memory['cuda_peak_reserved'] / mb:.0f} MB reserved")
+        if self.lora.get("stack"):
+            loras = ", ".join(f"{r['name']}:{r['weight']:g} ({r['cache']})" for r in self.lora["stack"])
+            patch, unpatch = self.lora["patch"], self.lora["unpatch"]
+            lines.append(f"LoRAs {loras}; {patch['tensors_touched']} tensors patched, {patch['tensors_skipped']} "
+                         f"unchanged; unpatch: {unpatch['method']} ({unpatch['tensors']} tensors)")
         lines.append(f"{len(self.step_seconds)} steps at {self.it_per_s:.2f} it/s on {self.device} ({self.dtype}); "
                      + "; ".join(mem))
         return "\n".join(lines)

@@ -22,6 +22,8 @@ from PIL import Image
 
 from studio import __version__
 from studio.errors import Cancelled, OutOfMemory
+from studio.lora.engine import COMPONENT_ATTRS, LoraEngine, patcher_settings
+from studio.lora.stack import StackItem, resolve_stack, search_dirs
 from studio.memory import PeakRss, cuda_peaks, release_freed_memory, rss_bytes
 from studio.metadata import format_infotext, save_png
 from studio.models.architectures import SDXL_DEFAULT_SIZE, TINY_DEFAULT_SIZE
@@ -103,6 +105,8 @@ class Session:
         self._pipe = None
         self.model: ModelInfo | None = None
         self.history: deque[Report] = deque(maxlen=200)  # this session's reports, oldest first
+        self.loras = LoraEngine(self.settings.lora_cache_mb,
+                                patcher_settings(self.settings.lora_mode, self.settings.unpatch_lora_by_vram_offload))
 
     def apply_settings(self, settings: Settings) -> dict[str, Applies]:
         """Take new settings; returns the changed fields and when each takes effect.
@@ -116,8 +120,11 @@ class Session:
         runtime = resolve_runtime(settings.device, settings.precision)  # raises before anything changes
         with self._lock:
             self.settings = settings
+            self.loras.configure(settings.lora_cache_mb,
+                                 patcher_settings(settings.lora_mode, settings.unpatch_lora_by_vram_offload))
             if any(applies is Applies.MODEL_RELOAD for applies in changed.values()):
                 self.runtime = runtime
+                self.loras.unbind()
                 self._pipe = None  # reloaded by the next generation
                 self.model = None
                 release_freed_memory()
@@ -132,6 +139,7 @@ class Session:
             return self._load_locked(source)
 
     def _load_locked(self, source: ModelSource) -> ModelInfo:
+        self.loras.unbind()  # restores the old weights and forgets parses bound to its layer names
         self._pipe = None  # drop the old pipeline before loading the new one: peak RAM is one model
         self.model = None
         release_freed_memory()
@@ -139,6 +147,7 @@ class Session:
         pipe = load_pipeline(source, self.runtime.dtype)
         pipe.to(self.runtime.device)
         sha = model_sha256(source.path, self.dirs.cache / "model-hashes.json") if source.kind.value != "hub" else ""
+        self.loras.bind({attr: getattr(pipe, attr) for attr in COMPONENT_ATTRS})
         self._pipe = pipe
         self._default_scheduler_config = dict(pipe.scheduler.config)
         self.model = ModelInfo(source, sha, time.perf_counter() - start)
@@ -200,23 +209,28 @@ class Session:
     def generate(self, request: GenerationRequest, *, on_step: StepCallback | None = None,
                  cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerationResult:
         """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError."""
-        request = request.validated()
-        if request.loras:
-            from studio.errors import SettingsError
-
-            raise SettingsError("this build cannot apply LoRAs yet; remove them from the request")
+        request, stack = self.resolve(request)
         token = cancel or CancelToken()
         with self._job_slot(token):
             token.raise_if_cancelled()  # stopped while waiting in line
             try:
-                return self._generate_locked(request, on_step, token, out_path)
+                return self._generate_locked(request, stack, on_step, token, out_path)
             except torch.cuda.OutOfMemoryError as err:
                 release_freed_memory()
                 raise OutOfMemory(f"the GPU ran out of memory ({err.args[0].splitlines()[0] if err.args else ''}); "
                                   "try a smaller size, or free other GPU programs") from None
 
-    def _generate_locked(self, request: GenerationRequest, on_step: StepCallback | None, token: CancelToken,
-                         out_path: Path | None) -> GenerationResult:
+    def resolve(self, request: GenerationRequest) -> tuple[GenerationRequest, list[StackItem]]:
+        """Validate and move `<lora:...>` prompt tags into the stack; unknown LoRA names fail here."""
+        request = request.validated()
+        prompt, stack = resolve_stack(request.prompt, request.loras, search_dirs(self.settings.lora_dirs))
+        from dataclasses import replace
+
+        request = replace(request, prompt=prompt, loras=tuple((item.name, item.weight) for item in stack))
+        return request.validated(), stack
+
+    def _generate_locked(self, request: GenerationRequest, stack: list[StackItem], on_step: StepCallback | None,
+                         token: CancelToken, out_path: Path | None) -> GenerationResult:
         timer = PhaseTimer()
         started = time.perf_counter()
         if self._pipe is None:
@@ -231,11 +245,15 @@ class Session:
                         device=str(device), dtype=self.runtime.dtype_name)
         with PeakRss() as rss, cuda_peaks(device) as peaks, torch.inference_mode():
             try:
-                image = self._run(pipe, request, width, height, timer, report, on_step, token)
+                with self.loras.applied_stack(stack, timer) as lora_report:
+                    report.lora = lora_report
+                    image = self._run(pipe, request, width, height, timer, report, on_step, token)
                 with timer.phase("save"):
                     path = out_path or self._next_output_path(request.seed)
+                    hashes = {row["name"]: row["hash"] for row in lora_report["stack"]}
                     infotext = format_infotext(request, width=width, height=height, model_name=self.model.source.name,
-                                               model_hash=self.model.short_hash, version=f"lora-studio {__version__}")
+                                               model_hash=self.model.short_hash, lora_hashes=hashes,
+                                               version=f"lora-studio {__version__}")
                     save_png(image, Path(path), infotext)
             except Cancelled:
                 report.status = "cancelled"
@@ -290,6 +308,7 @@ class Session:
 
     def close(self) -> None:
         with self._lock:
+            self.loras.unbind()
             self._pipe = None
             self.model = None
         release_freed_memory()

@@ -40,7 +40,9 @@ def test_generate_twice_gives_identical_pixels_and_parseable_metadata(tmp_path):
 
 def test_jobs_file_runs_every_line_in_one_warm_session(tmp_path):
     jobs = tmp_path / "jobs.jsonl"
-    lines = [{"prompt": "one", "seed": 1, "steps": 2}, {"prompt": "two", "seed": 2, "steps": 3, "cfg": 3},
+    lines = [{"prompt": "one", "seed": 1, "steps": 2},
+             {"prompt": "two <lora:demo-peft-cool:0.5>", "seed": 2, "steps": 3, "cfg": 3,
+              "loras": [["demo-kohya-warm", 0.8]]},
              {"prompt": "three", "seed": 3, "steps": 2, "width": 128, "height": 192}]
     jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     run = _launch("generate", "--jobs", str(jobs), "--out-dir", str(tmp_path / "out"), home=tmp_path / "home")
@@ -53,6 +55,22 @@ def test_jobs_file_runs_every_line_in_one_warm_session(tmp_path):
     assert loads == [True, False, False]  # one model load, then warm reuse
     assert [r["request"]["prompt"] for r in reports] == ["one", "two", "three"]
     assert Image.open(out / "0003.png").size == (128, 192)
+    assert [row["name"] for row in reports[1]["lora"]["stack"]] == ["demo-kohya-warm", "demo-peft-cool"]
+    assert read_png_infotext(out / "0002.png").params["Lora hashes"] == (
+        "demo-kohya-warm: 62853adc662c, demo-peft-cool: 8357708e33d5")
+    assert reports[2]["lora"]["unpatch"]["method"] == "restore_in_place"  # job 3 has no LoRA: taken off
+
+
+def test_lora_flags_apply_a_stack(tmp_path):
+    run = _launch("generate", "--prompt", "a cat", "--seed", "4", "--steps", "2", "--lora", "demo-kohya-warm:0.7",
+                  "--lora", "demo-locon-grain", "--out", str(tmp_path / "l.png"), "--report", str(tmp_path / "l.json"),
+                  home=tmp_path / "home")
+    assert run.returncode == 0, run.stderr
+    assert "LoRAs demo-kohya-warm:0.7 (miss), demo-locon-grain:1 (miss)" in run.stdout
+    assert read_png_infotext(tmp_path / "l.png").to_request().loras == (("demo-kohya-warm", 0.7),
+                                                                         ("demo-locon-grain", 1.0))
+    phases = json.loads((tmp_path / "l.json").read_text())["phases"]
+    assert {"lora_load", "lora_patch"} <= phases.keys()
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
