@@ -349,7 +349,7 @@ class ModelCache:
     def _evict(self, entry: _Entry) -> None:
         """Remove an unpinned entry: its module is left on the meta device (reload it to use it)."""
         for slot in entry.slots:
-            slot.point(torch.empty(slot.shape, dtype=slot.dtype, device="meta"))
+            slot.to_meta()
             slot.pristine = None
         entry.arena.release()
         del self._entries[entry.key]

@@ -62,6 +62,15 @@ class Slot:
             else:
                 owner._buffers[attr] = tensor
 
+    def to_meta(self) -> None:
+        """Drop the data (eviction): new meta Parameters, since set_data cannot cross to meta."""
+        for owner, attr, is_param in self.owners:
+            meta = torch.empty(self.shape, dtype=self.dtype, device="meta")
+            if is_param:
+                owner._parameters[attr] = nn.Parameter(meta, requires_grad=owner._parameters[attr].requires_grad)
+            else:
+                owner._buffers[attr] = meta
+
     def to_rest(self) -> None:
         """Point at the pristine copy and remember the version, so a later write into it shows."""
         assert self.pristine is not None
