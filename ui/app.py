@@ -1,93 +1,123 @@
-"""build_app(session) -> gr.Blocks: the Generate tab.
+"""build_app(session) -> gr.Blocks: Generate, Report, PNG info and Preferences tabs.
 
-Handlers build a named GenerationRequest and call the session; engine errors become
-`gr.Error` in exactly one place (`_engine_call`). Stop runs outside the queue
-(`queue=False`) and cancels cooperatively: a cancelled Gradio handler's thread keeps
-running, so the session's lock, not the queue, keeps jobs from overlapping.
+Each tab lives in its own module and is wired here. Engine errors become `gr.Error`
+in one place (ui/errors.py). A gr.Timer refreshes the status line (busy/idle, queue,
+memory, public link) every second; its handler only reads `session.status()`.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Iterator
 
 import gradio as gr
 
-from studio.errors import Cancelled, StudioError
-from studio.request import SAMPLERS, GenerationRequest
-from studio.session import Session, StepEvent
-from ui.report_view import render_report
+from studio.session import Session
+from ui.access import ServerInfo, is_local
+from ui.generate_tab import GPU, build_generate_tab, wire_generate_tab
+from ui.png_info import build_png_info_tab, wire_png_info
+from ui.preferences import build_preferences, panel_values, wire_preferences
+from ui.report_view import render_unpatch_costs
+from ui.report_panel import build_report_panel, live_memory_text, refresh_report_panel
+from ui.sizes import size_presets
 
 log = logging.getLogger(__name__)
+_MB = 1024 * 1024
+TICK_SECONDS = 1.0
 
 DEMO_NOTICE = ("Running the **built-in demo model**: a tiny SDXL with random weights. Its images are "
                "noise by nature; point the app at a real SDXL checkpoint with `--model` for pictures.")
 
 
-@contextmanager
-def _engine_call() -> Iterator[None]:
-    """The one place engine errors turn into a message for the browser."""
+def queued_jobs(app: gr.Blocks) -> int | None:
+    """Jobs waiting in Gradio's queue for the GPU (an internal of gradio 6; None if it moved)."""
     try:
-        yield
-    except StudioError as err:
-        raise gr.Error(str(err), print_exception=False) from None
+        return len(app._queue.event_queue_per_concurrency_id[GPU].queue)
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
-def build_app(session: Session) -> gr.Blocks:
-    settings = session.settings
-    size = session.native_size
+def status_line(status: dict, queued: int | None) -> str:
+    parts = ["● **Generating**" if status.get("busy") else "○ **Idle**"]
+    if queued:
+        parts.append(f"{queued} in the queue")
+    if status.get("waiting"):
+        parts.append(f"{status['waiting']} waiting for the running job")
+    parts.append(f"RAM {status.get('rss', 0) / _MB:,.0f} MB")
+    if "cuda_allocated" in status:
+        parts.append(f"VRAM {status['cuda_allocated'] / _MB:,.0f} MB")
+    return " · ".join(parts)
 
-    def generate(prompt: str, negative: str, seed: float, steps: float, cfg: float, width: float, height: float,
-                 sampler: str, progress: gr.Progress = gr.Progress()):
-        with _engine_call():
-            request = GenerationRequest(prompt=prompt, negative=negative, seed=int(seed), steps=int(steps),
-                                        cfg=float(cfg), width=int(width), height=int(height), sampler=sampler)
-            progress(0, desc="waiting for the model" if session.status()["busy"] else "starting")
 
-            def on_step(event: StepEvent) -> None:
-                progress((event.step, event.total), desc="denoising", unit="steps")
+def model_text(session: Session) -> str:
+    model = session.model
+    if model is None:
+        return "No model loaded yet (it loads with the next generation)"
+    kind = "built-in demo model" if model.source.is_demo else model.source.kind.value
+    return f"**{model.source.name}** ({kind}) on {session.runtime.device}/{session.runtime.dtype_name}"
 
-            try:
-                result = session.generate(request, on_step=on_step)
-            except Cancelled:
-                return gr.skip(), "**Stopped.** The run was cancelled before it finished; nothing was saved.", gr.skip()
-        paths = [str(p) for p in result.paths]
-        return paths, render_report(result.report), result.seeds[0]
 
-    def stop() -> str:
-        return "Stopping at the end of the current step…" if session.cancel_current() else "Nothing is running."
-
+def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
+    server = server or ServerInfo()
     with gr.Blocks(title="LoRA Studio") as app:
         gr.Markdown("# LoRA Studio")
         if session.model is None or session.model.source.is_demo:
             gr.Markdown(DEMO_NOTICE, elem_id="demo-notice")
-        with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=3):
-                    prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="a cat in a hat")
-                    negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
-                    with gr.Row():
-                        seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, elem_id="seed")
-                        steps = gr.Slider(1, 150, value=settings.default_steps, step=1, label="Steps", elem_id="steps")
-                        cfg = gr.Slider(0, 30, value=settings.default_cfg, step=0.5, label="CFG scale", elem_id="cfg")
-                    with gr.Row():
-                        width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id="width")
-                        height = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id="height")
-                        sampler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Sampler", elem_id="sampler")
-                    with gr.Row():
-                        run = gr.Button("Generate", variant="primary", elem_id="generate")
-                        halt = gr.Button("Stop", variant="stop", elem_id="stop")
-                    stop_note = gr.Markdown(elem_id="stop-note")
-                with gr.Column(scale=2):
-                    gallery = gr.Gallery(label="Images", columns=1, height=420, type="filepath", format="png",
-                                         elem_id="gallery")
-                    used_seed = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="used-seed")
-                    report = gr.Markdown("The report of each generation appears here.", elem_id="report")
-        inputs = [prompt, negative, seed, steps, cfg, width, height, sampler]
-        run.click(generate, inputs, [gallery, report, used_seed], api_name="generate", concurrency_id="gpu",
-                  concurrency_limit=1, show_progress_on=[gallery])
-        prompt.submit(generate, inputs, [gallery, report, used_seed], api_visibility="private", concurrency_id="gpu",
-                      concurrency_limit=1, show_progress_on=[gallery])
-        halt.click(stop, None, stop_note, queue=False, api_name="stop")
+        with gr.Row():
+            model_line = gr.Markdown("Loading…", elem_id="model-line")
+            live_status = gr.Markdown("Connecting…", elem_id="live-status")
+            public_line = gr.Markdown(elem_id="public-link")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Generate", id="generate"):
+                gen = build_generate_tab(session)
+            with gr.Tab("Report", id="report") as report_tab:
+                report = build_report_panel(session)
+            with gr.Tab("PNG info", id="png-info"):
+                png = build_png_info_tab()
+            with gr.Tab("Preferences", id="preferences") as prefs_tab:
+                prefs = build_preferences(session)
+
+        report_outputs = [report.table, report.phase_plot, report.memory_plot]
+
+        def refresh_report(own: list) -> dict:
+            return refresh_report_panel(report, session, own)
+
+        quiet = {"api_visibility": "private", "queue": False, "show_progress": "hidden"}
+        for event in wire_generate_tab(gen, session, server, report.json_files):
+            event.then(refresh_report, gen.last_reports, report_outputs, **quiet)
+        report_tab.select(refresh_report, gen.last_reports, report_outputs, **quiet)
+        wire_png_info(png, gen, tabs, "generate", size_presets(session.native_size))
+        wire_preferences(prefs, session, server)
+        prefs_tab.select(lambda: render_unpatch_costs(list(session.history)), None, prefs.unpatch_costs, **quiet)
+
+        def tick(request: gr.Request) -> tuple[str, str, str]:
+            status = session.status()
+            public = server.public.describe(server.credentials, is_local(request, server))
+            return status_line(status, queued_jobs(app)), public, live_memory_text(status)
+
+        timer = gr.Timer(TICK_SECONDS)
+        timer.tick(tick, None, [live_status, public_line, report.live_memory], **quiet)
+
+        def on_load(request: gr.Request) -> dict:
+            """Fill the page from the session. The model line's "ready" is the marker that this has
+            happened: before it, a value typed into a control may still be overwritten (gradio.md §1.7)."""
+            settings = session.settings
+            live, public, memory = tick(request)
+            return {**panel_values(prefs, session, server, request), gen.steps: settings.default_steps,
+                    gen.cfg: settings.default_cfg, live_status: live, public_line: public, report.live_memory: memory,
+                    model_line: model_text(session) + " · ready"}
+
+        app.load(on_load, None, [*prefs.widgets.values(), prefs.note, prefs.unpatch_costs, prefs.save, prefs.reset,
+                                 gen.steps, gen.cfg, live_status, public_line, report.live_memory, model_line],
+                 **quiet)
+
+        def status(request: gr.Request) -> dict:
+            """Busy or idle, jobs queued and waiting, memory in bytes, and the public link's state."""
+            local = is_local(request, server)
+            data = session.status()
+            if not local and data.get("model"):
+                data["model"] = {k: v for k, v in data["model"].items() if k != "location"}
+            return {**data, "queued": queued_jobs(app), "public_link": server.public.state.value,
+                    "public_url": server.public.url}
+
+        gr.api(status, api_name="status", queue=False)
     return app

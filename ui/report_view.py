@@ -1,38 +1,175 @@
-"""Render an engine Report as Markdown for the panel under the image."""
+"""Render engine Reports for people: a table for one generation, data frames for the session.
+
+Pure functions over `studio.report.Report`; no Gradio here, so they test in isolation.
+"""
 
 from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import pandas as pd
 
 from studio.report import Report
 
 _MB = 1024 * 1024
-_PHASE_LABELS = {
+PHASE_LABELS = {
     "model_load": "model load",
+    "lora_load": "LoRA load",
+    "lora_patch": "LoRA patch",
+    "lora_unpatch_reload": "LoRA unpatch (reload)",
     "text_encode": "text encode",
     "denoise": "denoise",
     "vae_decode": "VAE decode",
     "save": "save PNG",
-    "total": "total",
 }
+HISTORY_SHOWN = 30  # generations in the charts
+
+
+def phase_label(name: str) -> str:
+    return PHASE_LABELS.get(name, name.replace("_", " "))
+
+
+def _mb(value: float | int | None) -> str:
+    return "–" if value is None else f"{value / _MB:,.0f} MB"
+
+
+def summary_line(report: Report) -> str:
+    """One line under the image: what ran and how long it took."""
+    req, phases = report.request, report.phases
+    steps = report.step_seconds
+    speed = f"{len(steps)} steps at {report.it_per_s:.2f} it/s" if steps else "no steps ran"
+    return (f"seed {req.get('seed')} · {req.get('width')}×{req.get('height')} · {speed} · "
+            f"total {phases.get('total', 0.0):.2f} s · peak RAM {_mb(report.memory.get('peak_rss'))}")
 
 
 def render_report(report: Report) -> str:
+    """The last generation as Markdown: header, phases with their share of the time, memory, LoRA."""
     phases = report.phases
-    rows = [f"| {_PHASE_LABELS.get(name, name.replace('_', ' '))} | {seconds:.3f} s |"
+    total = phases.get("total") or sum(v for k, v in phases.items() if k != "total") or 1.0
+    rows = [f"| {phase_label(name)} | {seconds:.3f} s | {100 * seconds / total:.0f} % |"
             for name, seconds in phases.items() if name != "total"]
     if "total" in phases:
-        rows.append(f"| **total** | **{phases['total']:.3f} s** |")
+        rows.append(f"| **total** | **{phases['total']:.3f} s** | 100 % |")
     steps = report.step_seconds
     step_line = (f"{len(steps)} steps, {report.it_per_s:.2f} it/s "
                  f"(fastest {min(steps):.3f} s, slowest {max(steps):.3f} s)") if steps else "no steps ran"
     mem = report.memory
-    mem_rows = [f"| peak RAM (RSS) | {mem.get('peak_rss', 0) / _MB:,.0f} MB |"]
+    mem_rows = [f"| peak RAM (RSS) | {_mb(mem.get('peak_rss'))} |", f"| RAM after (RSS) | {_mb(mem.get('rss'))} |"]
     if "cuda_peak_allocated" in mem:
-        mem_rows.append(f"| peak VRAM allocated | {mem['cuda_peak_allocated'] / _MB:,.0f} MB |")
-        mem_rows.append(f"| peak VRAM reserved | {mem['cuda_peak_reserved'] / _MB:,.0f} MB |")
-    req = report.request
-    model = report.model
+        mem_rows.append(f"| peak VRAM allocated | {_mb(mem['cuda_peak_allocated'])} |")
+        mem_rows.append(f"| peak VRAM reserved | {_mb(mem.get('cuda_peak_reserved'))} |")
+    req, model = report.request, report.model
     head = (f"**{model.get('name')}** ({'built-in demo model' if model.get('demo') else model.get('kind')}, "
             f"hash {model.get('hash')}) on {report.device}/{report.dtype} · seed {req.get('seed')} · "
-            f"{req.get('width')}x{req.get('height')} · {req.get('sampler')} · CFG {req.get('cfg')}")
-    return "\n".join([head, "", step_line, "", "| phase | time |", "|---|---|", *rows, "",
-                      "| memory | |", "|---|---|", *mem_rows])
+            f"{req.get('width')}×{req.get('height')} · {req.get('sampler')} · CFG {req.get('cfg')}")
+    lines = [head, "", step_line, "", "| phase | time | share |", "|---|---:|---:|", *rows, "",
+             "| memory | |", "|---|---:|", *mem_rows]
+    if report.lora:
+        lines += ["", *render_lora(report.lora)]
+    if report.status != "ok":
+        lines += ["", f"Status: **{report.status}**"]
+    return "\n".join(lines)
+
+
+def render_lora(lora: dict) -> list[str]:
+    """The report's `lora` section: the stack (with unmatched keys, never hidden), patch, unpatch, cache."""
+    lines: list[str] = []
+    stack = lora.get("stack") or []
+    if stack:
+        lines += ["| LoRA | weight | format | layers | unmatched keys | cache |", "|---|---:|---|---:|---|---|"]
+        for row in stack:
+            unmatched = row.get("unmatched_keys", 0)
+            examples = ", ".join(f"`{k}`" for k in row.get("unmatched_examples", []))
+            lines.append(f"| {row.get('name')} (`{row.get('hash', '')}`) | {row.get('weight')} | {row.get('format', '')} "
+                         f"| {row.get('layers', '')} | {unmatched}{': ' + examples if unmatched and examples else ''} "
+                         f"| {row.get('cache', '')} |")
+        lines.append("")
+    else:
+        lines.append("No LoRAs in this generation.")
+    patch, unpatch, cache = lora.get("patch") or {}, lora.get("unpatch") or {}, lora.get("cache") or {}
+    details = []
+    if patch:
+        details.append(f"patch: {patch.get('tensors_touched', 0)} tensors changed, {patch.get('tensors_skipped', 0)} "
+                       f"unchanged, {1000 * float(patch.get('seconds', 0.0)):.1f} ms")
+    if unpatch:
+        seconds = _unpatch_seconds(unpatch)
+        details.append(f"unpatch: {str(unpatch.get('method', '?')).replace('_', ' ')}, {unpatch.get('tensors', 0)} "
+                       f"tensors" + (f", {1000 * seconds:.1f} ms" if seconds is not None else ""))
+    if cache:
+        details.append(f"LoRA cache: {cache.get('entries', 0)} files, {_mb(cache.get('bytes'))} of "
+                       f"{_mb(cache.get('budget_bytes'))}, {cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses")
+    if "unpatch_lora_by_vram_offload" in lora:
+        details.append(f"mode {lora.get('mode', '?')}, unpatch_lora_by_vram_offload "
+                       f"{'on' if lora['unpatch_lora_by_vram_offload'] else 'off'}")
+    return lines + [" · ".join(details)] if details else lines
+
+
+def _unpatch_seconds(entry: dict) -> float | None:
+    for key in ("switch_seconds", "seconds"):
+        if isinstance(entry.get(key), (int, float)) and not isinstance(entry.get(key), bool):
+            return float(entry[key])
+    return None
+
+
+def _numbered(history: Sequence[Report]) -> list[tuple[str, Report]]:
+    start = max(0, len(history) - HISTORY_SHOWN)
+    width = len(str(len(history)))
+    return [(f"#{i + 1:0{width}d}", r) for i, r in enumerate(list(history)[start:], start)]
+
+
+def phase_frame(history: Sequence[Report]) -> pd.DataFrame | None:
+    """Long format for a stacked bar chart: one row per (generation, phase); None before the first.
+
+    Every known phase is present for every generation (zero when it did not run): Gradio's
+    chart fixes its colour legend from the first data it draws, so a phase that first
+    appears later (a model reload, a LoRA patch) would otherwise never be drawn.
+    """
+    numbered = _numbered(history)
+    if not numbered:
+        return None
+    names = list(PHASE_LABELS) + sorted({n for _, r in numbered for n in r.phases} - set(PHASE_LABELS) - {"total"})
+    rows = [{"generation": label, "phase": phase_label(name), "seconds": float(report.phases.get(name, 0.0))}
+            for label, report in numbered for name in names]
+    return pd.DataFrame(rows).astype({"generation": "string", "phase": "string", "seconds": "float64"})
+
+
+def memory_frame(history: Sequence[Report]) -> pd.DataFrame | None:
+    """One row per (generation, measure) in MB: peak RAM, and peak VRAM where measured; None before the first."""
+    rows = []
+    for label, report in _numbered(history):
+        number = int(label[1:])
+        mem = report.memory
+        rows.append({"generation": number, "measure": "peak RAM", "MB": mem.get("peak_rss", 0) / _MB})
+        if "cuda_peak_allocated" in mem:
+            rows.append({"generation": number, "measure": "peak VRAM", "MB": mem["cuda_peak_allocated"] / _MB})
+    if not rows:
+        return None
+    return pd.DataFrame(rows).astype({"generation": "int64", "measure": "string", "MB": "float64"})
+
+
+def unpatch_costs(history: Iterable[Report]) -> dict[str, tuple[float, int]]:
+    """The last measured cost of each LoRA unpatch path: method -> (seconds, generation number).
+
+    Reads `report.lora["unpatch"] = {"method": ..., "switch_seconds" (or "seconds"): ...}`
+    from the reports; a generation that took nothing off (method "none") measures nothing.
+    No number is estimated.
+    """
+    costs: dict[str, tuple[float, int]] = {}
+    for number, report in enumerate(history, 1):
+        entry = report.lora.get("unpatch") if isinstance(report.lora, dict) else None
+        if not isinstance(entry, dict) or entry.get("method") in (None, "none"):
+            continue
+        seconds = _unpatch_seconds(entry)
+        if seconds is not None:
+            costs[str(entry["method"])] = (seconds, number)
+    return costs
+
+
+def render_unpatch_costs(history: Iterable[Report]) -> str:
+    costs = unpatch_costs(history)
+    if not costs:
+        return ("Last measured cost of each unpatch path: **not measured yet** (no generation of this session has "
+                "taken a LoRA off).")
+    parts = [f"{method.replace('_', ' ')}: **{seconds * 1000:.1f} ms** (generation #{number})"
+             for method, (seconds, number) in sorted(costs.items())]
+    return "Last measured cost of each unpatch path: " + " · ".join(parts)

@@ -1,34 +1,74 @@
-"""Start the UI: load settings and the model, build the app, serve it locally."""
+"""Start the UI: load settings and the model, build the app, serve it locally, then maybe share it.
+
+Order matters for the public link: the local server is up first; the tunnel is tried
+afterwards in a background thread (ui/share.py), and the login it requires is set at
+launch, so the app is never reachable through a link without one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import webbrowser
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import gradio as gr
 
 from studio.errors import StudioError
 from studio.paths import app_dirs
 from studio.session import Session
 from studio.settings import load_settings
+from ui.access import ServerInfo
+from ui.share import Opener, PublicLink, login_for, open_tunnel
 
 log = logging.getLogger(__name__)
+AUTH_MESSAGE = "LoRA Studio is shared through a public link: log in with the user and password shown on its console."
 
 
-def launch_app(session: Session, port: int | None = None, quiet: bool = False):
-    """Launch without blocking; returns (app, local_url). Only the outputs folder is served."""
+@dataclass
+class RunningApp:
+    app: gr.Blocks
+    local_url: str
+    server: ServerInfo
+
+    def close(self) -> None:
+        self.app.close()
+
+
+def served_folders(session: Session) -> tuple[list[str], list[str]]:
+    """(allowed, blocked): the outputs folder and the thumbnail cache are served; the config folder never."""
+    outputs = Path(session.settings.outputs_dir).expanduser() if session.settings.outputs_dir else \
+        session.dirs.default_outputs
+    thumbnails = session.dirs.cache / "thumbnails"
+    for folder in (outputs, thumbnails):
+        folder.mkdir(parents=True, exist_ok=True)
+    return [str(outputs), str(thumbnails)], [str(session.dirs.config)]
+
+
+def launch_app(session: Session, port: int | None = None, quiet: bool = False, share: bool = False,
+               opener: Opener | None = None, announce: Callable[[str], None] | None = None) -> RunningApp:
+    """Launch without blocking. With `share`, login is required and the tunnel is tried in the background."""
     from ui.app import build_app
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    outputs = session.settings.outputs_dir or str(session.dirs.default_outputs)
-    os.makedirs(outputs, exist_ok=True)
-    app = build_app(session)
+    credentials = login_for(session.settings) if share else None
+    opener = opener or functools.partial(open_tunnel, cache_dir=session.dirs.cache)
+    server = ServerInfo(public=PublicLink(opener, announce), credentials=credentials)
+    app = build_app(session, server)
     app.queue(default_concurrency_limit=1, max_size=64)
+    allowed, blocked = served_folders(session)
     _, local_url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=quiet,
-                                 inbrowser=False, share=False, allowed_paths=[outputs],
-                                 blocked_paths=[str(session.dirs.config)], footer_links=["api"], ssr_mode=False,
-                                 max_file_size="20mb")
-    return app, local_url
+                                 inbrowser=False, share=False, auth=credentials.pair if credentials else None,
+                                 auth_message=AUTH_MESSAGE if credentials else None, allowed_paths=allowed,
+                                 blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb")
+    server.port = app.server_port
+    if share:
+        server.public.start(app.server_name, app.server_port, app.share_token)
+    return RunningApp(app, local_url, server)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -46,15 +86,20 @@ def serve(args: argparse.Namespace) -> int:
     print(f"model: {info.source.name} ({info.source.kind.value}) loaded in {info.load_seconds:.2f}s "
           f"on {session.runtime.device}/{session.runtime.dtype_name}")
     port = args.port if args.port is not None else settings.port
-    app, url = launch_app(session, port=port or None, quiet=True)
-    print(f"LoRA Studio is running at {url}  (Ctrl+C to quit)")
+    share = bool(getattr(args, "share", False) or settings.share)
+    running = launch_app(session, port=port or None, quiet=True, share=share, announce=print)
+    print(f"LoRA Studio is running at {running.local_url}  (Ctrl+C to quit)")
+    if running.server.credentials is not None:
+        creds = running.server.credentials
+        print(f"Public link requested: trying it in the background. Login: {creds.user} / {creds.password}"
+              + (" (generated for this run; set auth_password in Preferences to keep one)" if creds.generated else ""))
     if not args.no_browser:
-        webbrowser.open(url)
+        webbrowser.open(running.local_url)
     try:
-        app.block_thread()
+        running.app.block_thread()
     except KeyboardInterrupt:
         pass
     finally:
-        app.close()
+        running.close()
         session.close()
     return 0

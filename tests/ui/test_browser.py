@@ -1,6 +1,8 @@
-"""A real Chromium (Debian's, driven by playwright) types a prompt, clicks Generate, sees image and report.
+"""A newcomer's path in a real Chromium (Debian's, driven by playwright), with the README screenshots.
 
-Never runs `playwright install`; skips with the reason when no chromium binary exists.
+Open the app, generate, read the report, change a preference, reload (it is kept),
+read a PNG's parameters back, stop a long run midway. Never runs `playwright install`;
+skips with the reason when no chromium binary exists.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import pytest
 from ui.server import launch_app
 
 pytestmark = pytest.mark.browser
-ARTIFACTS = Path(__file__).resolve().parent.parent.parent / "test-artifacts"
+SCREENSHOTS = Path(__file__).resolve().parent.parent.parent / "docs" / "screenshots"
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM_PATH"), "/usr/bin/chromium", "/usr/bin/chromium-browser",
                              shutil.which("chromium")) if p and os.path.exists(p)), None)
+LONG = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -35,28 +38,123 @@ def browser():
 
 @pytest.fixture(scope="module")
 def app_url(tiny_session):
-    app, url = launch_app(tiny_session, quiet=True)
-    yield url
-    app.close()
+    original = tiny_session.settings
+    tiny_session.dirs.settings_file.unlink(missing_ok=True)
+    running = launch_app(tiny_session, quiet=True)
+    yield running.local_url
+    running.close()
+    tiny_session.dirs.settings_file.unlink(missing_ok=True)
+    tiny_session.apply_settings(original)
 
 
-def test_type_prompt_generate_and_read_the_report(browser, app_url):
+@pytest.fixture
+def page(browser, app_url):
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
     page.goto(app_url)
+    expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)  # the page load has finished
+    yield page
+    context.close()
+
+
+def _set_number(page, selector: str, value: str) -> None:
+    box = page.locator(selector)
+    box.fill(value)
+    box.press("Enter")
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
+    from playwright.sync_api import expect
+
     expect(page.locator("#demo-notice")).to_contain_text("built-in demo model")
+    expect(page.locator("#live-status")).to_contain_text("Idle")
     page.locator("#prompt textarea").fill("a lighthouse at dusk")
     page.locator("#seed input").fill("11")
-    steps = page.locator("#steps input[type=number]")
-    steps.fill("4")
-    steps.press("Enter")
+    _set_number(page, "#steps input[type=number]", "4")
+    _set_number(page, "#batch-count input[type=number]", "2")
     page.locator("#generate").click()
-    expect(page.locator("#gallery img").first).to_have_attribute("src", re.compile(r"gradio_api/file="),
-                                                                 timeout=60_000)
-    expect(page.locator("#report")).to_contain_text("denoise", timeout=30_000)
-    expect(page.locator("#report")).to_contain_text("seed 11")
-    expect(page.locator("#report")).to_contain_text("4 steps")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "generate-tab.png"), full_page=True)
-    page.close()
+    expect(page.locator("#gallery img").nth(1)).to_have_attribute("src", re.compile(r"gradio_api/file="), timeout=LONG)
+    expect(page.locator("#seeds-note")).to_have_text("Seeds: 11, 12", timeout=LONG)
+    expect(page.locator("#summary")).to_contain_text("seed 12")
+    page.locator("#seed-random").click()
+    expect(page.locator("#seed input")).to_have_value("-1")
+    page.locator("#seed-reuse").click()
+    expect(page.locator("#seed input")).to_have_value("11")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "generate-tab.png"), full_page=True)
+
+    _tab(page, "Report")
+    table = page.locator("#report-table")
+    expect(table).to_contain_text("Batch of 2 images (seeds 11, 12)")
+    expect(table).to_contain_text("denoise")
+    expect(table).to_contain_text("peak RAM")
+    expect(page.locator("#report-json")).to_contain_text("00002-12")
+    expect(page.locator("#phase-plot")).to_contain_text("Time per phase")
+    expect(page.locator("#live-memory")).to_contain_text("RAM (RSS)")
+    page.screenshot(path=str(SCREENSHOTS / "report-panel.png"), full_page=True)
+
+    _tab(page, "Preferences")
+    expect(page.locator("#prefs-note")).to_contain_text("Loaded from")
+    expect(page.locator("#pref-unpatch_lora_by_vram_offload")).to_contain_text("restore touched weights in place")
+    expect(page.locator("#unpatch-costs")).to_contain_text("Last measured cost of each unpatch path")
+    _set_number(page, "#pref-default_steps input", "0")
+    page.locator("#prefs-save").click()
+    expect(page.locator(".toast-body").first).to_contain_text("must be between 1 and 200, got 0", timeout=LONG)
+    _set_number(page, "#pref-default_steps input", "7")
+    page.locator("#prefs-save").click()
+    expect(page.locator("#prefs-result")).to_contain_text("Default steps: 20 → 7", timeout=LONG)
+    expect(page.locator("#prefs-result")).to_contain_text("applies now")
+    page.screenshot(path=str(SCREENSHOTS / "preferences.png"), full_page=True)
+
+    page.reload()
+    expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)
+    expect(page.locator("#steps input[type=number]")).to_have_value("7")  # the default took effect
+    _tab(page, "Preferences")
+    expect(page.locator("#pref-default_steps input")).to_have_value("7")  # and was kept
+
+
+def test_png_info_restores_the_parameters_into_generate(page, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from studio.metadata import save_png
+
+    source = tmp_path / "from-a1111.png"
+    save_png(Image.new("RGB", (64, 64)), source, "a green boat <lora:demo-kohya-warm:0.7>\nNegative prompt: fog\n"
+             "Steps: 12, Sampler: DPM++ 2M, CFG scale: 6.5, Seed: 4242, Size: 832x1216, Model: sdxl")
+    _tab(page, "PNG info")
+    page.locator("#png-drop input[type=file]").set_input_files(str(source))
+    expect(page.locator("#png-params")).to_contain_text("4242", timeout=LONG)
+    expect(page.locator("#png-prompt textarea")).to_have_value("a green boat <lora:demo-kohya-warm:0.7>")
+    page.locator("#png-send").click()
+    expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "true")
+    expect(page.locator("#prompt textarea")).to_have_value("a green boat <lora:demo-kohya-warm:0.7>")  # tags kept
+    expect(page.locator("#negative textarea")).to_have_value("fog")
+    expect(page.locator("#seed input")).to_have_value("4242")
+    expect(page.locator("#steps input[type=number]")).to_have_value("12")
+    expect(page.locator("#cfg input[type=number]")).to_have_value("6.5")
+    expect(page.locator("#width input[type=number]")).to_have_value("832")
+    expect(page.locator("#height input[type=number]")).to_have_value("1216")
+    expect(page.locator("#sampler input")).to_have_value("DPM++ 2M")
+    expect(page.locator("#size-preset input")).to_have_value("832×1216 (13:19, SDXL)")
+
+
+def test_stop_midway_is_acknowledged_at_once_and_the_run_ends(page):
+    from playwright.sync_api import expect
+
+    page.locator("#prompt textarea").fill("a very long run")
+    _set_number(page, "#steps input[type=number]", "200")
+    _set_number(page, "#batch-count input[type=number]", "4")
+    page.locator("#generate").click()
+    expect(page.locator("#gallery")).to_contain_text("denoising", timeout=LONG)
+    expect(page.locator("#live-status")).to_contain_text("Generating", timeout=LONG)
+    page.locator("#stop").click()
+    expect(page.locator("#stop-note")).to_contain_text("Stop requested", timeout=5_000)
+    expect(page.locator("#summary")).to_contain_text(re.compile(r"Stopped after \d of 4 images"), timeout=LONG)
+    expect(page.locator("#live-status")).to_contain_text("Idle", timeout=LONG)

@@ -1,0 +1,89 @@
+"""Preferences through the API: save round trip, refusals that save nothing, reset, read-only from afar."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from studio.settings import load_settings
+from ui.server import launch_app
+
+
+@pytest.fixture(scope="module")
+def served(tiny_session):
+    running = launch_app(tiny_session, quiet=True)
+    yield tiny_session, running.local_url
+    running.close()
+
+
+@pytest.fixture
+def prefs(served):
+    """A client, with the settings file and the session's settings put back afterwards."""
+    session, url = served
+    original = session.settings
+    session.dirs.settings_file.unlink(missing_ok=True)
+    yield session, Client(url, verbose=False, analytics_enabled=False)
+    session.dirs.settings_file.unlink(missing_ok=True)
+    session.apply_settings(original)
+
+
+def test_saved_values_persist_and_apply_when_they_say(prefs):
+    session, client = prefs
+    result = client.predict({"default_steps": 7, "lora_mode": "sidecar", "port": 7999}, api_name="/save_preferences")
+    assert result["changed"] == {
+        "default_steps": {"from": 20, "to": 7, "applies": "applies now"},
+        "lora_mode": {"from": "merged", "to": "sidecar", "applies": "applies now"},
+        "port": {"from": 7860, "to": 7999, "applies": "needs a restart"}}
+    saved = load_settings(session.dirs.settings_file)
+    assert (saved.default_steps, saved.lora_mode.value, saved.port) == (7, "sidecar", 7999)
+    assert session.settings.default_steps == 7 and session.settings.port != 7999  # the port waits for a restart
+    shown = client.predict(api_name="/preferences")
+    assert shown["default_steps"] == {"value": 7, "applies": "applies now"}
+    assert shown["port"]["value"] == 7999
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"default_steps": 0, "default_cfg": 3.0}, "`default_steps` must be between 1 and 200, got 0"),
+    ({"default_cfg": "lots"}, "`default_cfg` must be a number, got 'lots'"),
+    ({"device": "tpu"}, "`device` must be one of auto, cpu, cuda, got 'tpu'"),
+    ({"colour": "blue"}, "unknown setting(s) colour"),
+])
+def test_invalid_values_are_refused_and_nothing_is_saved(prefs, changes, message):
+    session, client = prefs
+    client.predict({"default_cfg": 6.0}, api_name="/save_preferences")
+    before, running = session.dirs.settings_file.read_bytes(), session.settings
+    with pytest.raises(AppError) as refused:
+        client.predict(changes, api_name="/save_preferences")
+    assert message in str(refused.value)
+    assert session.dirs.settings_file.read_bytes() == before and session.settings == running
+
+
+def test_reset_puts_defaults_back_and_says_what_changed(prefs):
+    session, client = prefs
+    client.predict({"default_steps": 9, "share": True}, api_name="/save_preferences")
+    changed = client.predict(api_name="/reset_preferences")["changed"]
+    assert changed == {"default_steps": {"from": 9, "to": 20, "applies": "applies now"},
+                       "share": {"from": True, "to": False, "applies": "needs a restart"}}
+    assert load_settings(session.dirs.settings_file).default_steps == 20 and session.settings.default_steps == 20
+    assert client.predict(api_name="/reset_preferences")["changed"] == {}
+
+
+def _call(url: str, api_name: str, data: list, host: str) -> str:
+    """Gradio's REST API with a chosen Host header: what a visitor through the tunnel sends."""
+    with httpx.Client(base_url=url, headers={"host": host}, timeout=30) as http:
+        event = http.post(f"/gradio_api/call/{api_name}", json={"data": data}).json()["event_id"]
+        return http.get(f"/gradio_api/call/{api_name}/{event}").text
+
+
+def test_through_the_public_link_preferences_are_read_only_and_secrets_hidden(prefs, served):
+    session, client = prefs
+    _, url = served
+    client.predict({"auth_password": "s3cret"}, api_name="/save_preferences")
+    before = session.dirs.settings_file.read_bytes()
+    answer = _call(url, "save_preferences", [{"default_steps": 3}], host="abcd.gradio.live")
+    assert "event: error" in answer and "read-only through the public link" in answer
+    assert session.dirs.settings_file.read_bytes() == before
+    assert '"s3cret"' not in _call(url, "preferences", [], host="abcd.gradio.live")
+    assert '"s3cret"' in _call(url, "preferences", [], host=url.split("//")[1].rstrip("/"))

@@ -1,0 +1,127 @@
+"""Sharing: login enforced, failure named plainly without blocking, only the outputs folder served.
+
+No real tunnel: the share server is simulated by a closed port (no network) or a socket
+that never answers; the login is checked on an app launched exactly as `--share` does.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from ui.share import LinkState, PublicLink, ShareFailed, open_tunnel
+from ui.server import launch_app
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens here once the socket closes: connection refused
+
+
+@pytest.fixture
+def silent_server():
+    """A share server that accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v3/tunnel-request"
+    sock.close()
+
+
+def test_without_network_the_reason_is_named_in_a_fraction_of_a_second(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(ShareFailed, match="^no internet connection: the public link could not be created"):
+        open_tunnel("127.0.0.1", 7860, "token", cache_dir=tmp_path, api_url=f"http://127.0.0.1:{_closed_port()}/x")
+    assert time.perf_counter() - start < 3
+
+
+def test_a_share_server_that_never_answers_times_out_quickly(tmp_path, silent_server):
+    start = time.perf_counter()
+    with pytest.raises(ShareFailed, match="did not answer within 0.5 s"):
+        open_tunnel("127.0.0.1", 7860, "token", cache_dir=tmp_path, api_url=silent_server, timeout=0.5)
+    assert time.perf_counter() - start < 3
+
+
+def test_a_working_tunnel_is_announced_with_its_url():
+    messages: list[str] = []
+    link = PublicLink(opener=lambda host, port, token: "https://abcd.gradio.live", announce=messages.append)
+    link.start("127.0.0.1", 7860, "token")
+    assert link.wait(5) and link.state is LinkState.READY
+    assert messages == ["Public link: https://abcd.gradio.live"]
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_session, tmp_path_factory):
+    """The app launched as `--share` launches it, with the network simulated away."""
+    messages: list[str] = []
+    opener = functools.partial(open_tunnel, cache_dir=tmp_path_factory.mktemp("cache"),
+                               api_url=f"http://127.0.0.1:{_closed_port()}/v3/tunnel-request")
+    start = time.perf_counter()
+    running = launch_app(tiny_session, quiet=True, share=True, opener=opener, announce=messages.append)
+    launch_seconds = time.perf_counter() - start
+    yield running, messages, launch_seconds
+    running.close()
+
+
+def test_the_share_failure_is_reported_without_blocking_the_local_app(shared):
+    running, messages, launch_seconds = shared
+    assert launch_seconds < 10  # launch() returned without waiting on the tunnel
+    assert running.server.public.wait(5)
+    assert running.server.public.state is LinkState.FAILED
+    assert messages == [f"Public link unavailable: {running.server.public.reason}. The app keeps running locally."]
+    assert running.server.public.reason.startswith("no internet connection")
+    line = running.server.public.describe(running.server.credentials, local=True)
+    assert "no internet connection" in line and running.server.credentials.password in line
+
+
+def test_login_is_required_when_sharing(shared):
+    running, _, _ = shared
+    url, creds = running.local_url, running.server.credentials
+    assert creds is not None and creds.generated
+    assert httpx.get(f"{url}config").status_code == 401
+    assert httpx.get(url).status_code == 200  # the login page
+    with pytest.raises(Exception):
+        Client(url, verbose=False, analytics_enabled=False)
+    client = Client(url, auth=creds.pair, verbose=False, analytics_enabled=False)
+    status = client.predict(api_name="/status")
+    assert status["public_link"] == "failed" and status["busy"] is False
+
+
+def test_only_the_outputs_folder_is_served_never_the_config(shared, tiny_session):
+    running, _, _ = shared
+    creds = running.server.credentials
+    tiny_session.dirs.settings_file.parent.mkdir(parents=True, exist_ok=True)
+    secret = tiny_session.dirs.config / "probe.toml"
+    secret.write_text("x = 1\n")
+    image = tiny_session.dirs.default_outputs / "probe.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    try:
+        with httpx.Client(base_url=running.local_url, timeout=10) as http:
+            assert http.get(f"/gradio_api/file={image}").status_code == 401  # not logged in
+            http.post("/login", data={"username": creds.user, "password": creds.password})
+            assert http.get(f"/gradio_api/file={image}").status_code == 200
+            assert http.get(f"/gradio_api/file={secret}").status_code == 403
+    finally:
+        secret.unlink()
+        image.unlink()
+
+
+def test_a_tunnel_attempt_runs_in_a_daemon_thread(tmp_path):
+    started = threading.Event()
+
+    def slow_opener(host: str, port: int, token: str) -> str:
+        started.set()
+        time.sleep(30)
+        return "never"
+
+    link = PublicLink(opener=slow_opener, announce=lambda message: None)
+    thread = link.start("127.0.0.1", 1, "t")
+    assert started.wait(5) and thread.daemon and link.state is LinkState.CONNECTING
+    assert "connecting" in link.describe(None, local=True)

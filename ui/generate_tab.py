@@ -1,0 +1,245 @@
+"""The Generate tab: prompt, seed, steps, CFG, size, sampler, batch; gallery, progress, Stop.
+
+Handlers build a named `GenerateForm` from named parameters and call the session; the
+stack of LoRA rows comes later from `ui/lora_panel.py`, which will add its rows to
+`GenerateForm.loras` (until then `<lora:name:weight>` tags typed in the prompt are
+the stack: the session reads them). Every generation event shares the concurrency id "gpu"; the session's lock
+is what really keeps two jobs apart (a cancelled Gradio handler keeps running).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import gradio as gr
+
+from studio.errors import Cancelled, SettingsError
+from studio.request import MAX_SEED, SAMPLERS, GenerationRequest
+from studio.session import Session, StepEvent
+from ui.access import ServerInfo, is_local, owner_of
+from ui.errors import engine_call
+from ui.report_view import summary_line
+from ui.sizes import CUSTOM, preset_for, size_presets
+
+log = logging.getLogger(__name__)
+MAX_BATCH = 16
+GPU = "gpu"  # the one concurrency id of every event that runs the pipeline
+
+
+@dataclass(frozen=True)
+class GenerateForm:
+    """What the Generate tab asks for, by name."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = -1
+    steps: int = 20
+    cfg: float = 5.0
+    width: int = 0
+    height: int = 0
+    sampler: str = "Euler"
+    batch_count: int = 1
+    loras: tuple[tuple[str, float], ...] = ()  # the LoRA panel's rows (later); prompt tags are read by the session
+
+    def requests(self) -> list[GenerationRequest]:
+        """One validated request per image: seeds base, base+1, ... (a random base for -1)."""
+        if not 1 <= self.batch_count <= MAX_BATCH:
+            raise SettingsError(f"`batch count` must be between 1 and {MAX_BATCH}, got {self.batch_count}")
+        first = GenerationRequest(prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps,
+                                  cfg=self.cfg, width=self.width, height=self.height, sampler=self.sampler,
+                                  loras=self.loras).validated().with_seed()
+        return [replace(first, seed=(first.seed + i) % (MAX_SEED + 1)) for i in range(self.batch_count)]
+
+
+@dataclass
+class GenerateTab:
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    seed: gr.Number
+    steps: gr.Slider
+    cfg: gr.Slider
+    preset: gr.Dropdown
+    width: gr.Slider
+    height: gr.Slider
+    sampler: gr.Dropdown
+    batch_count: gr.Slider
+    run: gr.Button
+    halt: gr.Button
+    stop_note: gr.Markdown
+    gallery: gr.Gallery
+    seeds_note: gr.Markdown
+    summary: gr.Markdown
+    last_seed: gr.State  # seed of the last run, or of the image picked in the gallery
+    last_reports: gr.State  # this tab's last run: list of Reports, one per image
+    ticket: gr.State  # JobBook ticket of the job this tab queued
+
+
+def build_generate_tab(session: Session) -> GenerateTab:
+    """Lay out the controls (call inside a gr.Tab); events are wired by wire_generate_tab."""
+    settings, native = session.settings, session.native_size
+    presets = size_presets(native)
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="a cat in a hat",
+                                info="`<lora:name:weight>` tags in the prompt select LoRAs")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
+            with gr.Row(equal_height=True):
+                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
+                                 elem_id="seed", scale=3)
+                # ⚄ rather than the 🎲 emoji: it renders without an emoji font (Debian's chromium has none)
+                dice = gr.Button("⚄ Random", elem_id="seed-random", scale=1, min_width=90, size="sm")
+                recycle = gr.Button("♻ Reuse last", elem_id="seed-reuse", scale=1, min_width=90, size="sm")
+                batch_count = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count", elem_id="batch-count",
+                                        info="seeds s, s+1, …", scale=3)
+            with gr.Row():
+                steps = gr.Slider(1, 200, value=settings.default_steps, step=1, label="Steps", elem_id="steps")
+                cfg = gr.Slider(0, 30, value=settings.default_cfg, step=0.5, label="CFG scale", elem_id="cfg")
+                sampler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Sampler", elem_id="sampler")
+            with gr.Row():
+                preset = gr.Dropdown([*presets, CUSTOM], value=preset_for(presets, native, native), label="Size",
+                                     elem_id="size-preset")
+                width = gr.Slider(64, 2048, value=native, step=8, label="Width", elem_id="width")
+                height = gr.Slider(64, 2048, value=native, step=8, label="Height", elem_id="height")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+                halt = gr.Button("Stop", variant="stop", elem_id="stop")
+            stop_note = gr.Markdown(elem_id="stop-note")
+            # The LoRA panel (browser, stack rows, trigger words) goes here: ui/lora_panel.py, later.
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="Images", columns=2, height=440, type="filepath", format="png",
+                                 elem_id="gallery")
+            seeds_note = gr.Markdown(elem_id="seeds-note")
+            summary = gr.Markdown("Each generation's report appears here and, in full, in the **Report** tab.",
+                                  elem_id="summary")
+    tab = GenerateTab(prompt, negative, seed, steps, cfg, preset, width, height, sampler, batch_count, run, halt,
+                      stop_note, gallery, seeds_note, summary, gr.State(None), gr.State([]), gr.State(None))
+    _wire_local_controls(tab, dice, recycle, presets)
+    return tab
+
+
+def _wire_local_controls(tab: GenerateTab, dice: gr.Button, recycle: gr.Button,
+                         presets: dict[str, tuple[int, int]]) -> None:
+    """Browser-only helpers: no queue, no API."""
+    quick: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    dice.click(lambda: -1, None, tab.seed, **quick)
+    recycle.click(lambda last: gr.skip() if last is None else last, tab.last_seed, tab.seed, **quick)
+
+    def pick_preset(label: str):
+        if label not in presets:
+            return gr.skip(), gr.skip()
+        return presets[label]
+
+    tab.preset.input(pick_preset, tab.preset, [tab.width, tab.height], **quick)
+    for slider in (tab.width, tab.height):
+        slider.input(lambda w, h: preset_for(presets, w, h), [tab.width, tab.height], tab.preset, **quick)
+
+    def pick_image(reports: list, evt: gr.SelectData):
+        if not reports or evt.index is None or evt.index >= len(reports):
+            return gr.skip(), gr.skip()
+        seed = reports[evt.index].request.get("seed")
+        return seed, f"Selected image: seed **{seed}** (♻ puts it in the seed box)"
+
+    tab.gallery.select(pick_image, tab.last_reports, [tab.last_seed, tab.seeds_note], **quick)
+
+
+def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
+                      report_json: gr.File) -> list[gr.Dependency]:
+    """Generate (queued on "gpu"), Stop (outside the queue); returns the generate events for `.then`."""
+
+    def generate(prompt: str, negative: str, seed: float | None, steps: float, cfg: float, width: float,
+                 height: float, sampler: str, batch_count: float, ticket: str | None = None,
+                 request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
+        form = GenerateForm(prompt=prompt or "", negative=negative or "", seed=-1 if seed is None else int(seed),
+                            steps=int(steps), cfg=float(cfg), width=int(width), height=int(height), sampler=sampler,
+                            batch_count=int(batch_count))
+        yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json)
+
+    inputs = [tab.prompt, tab.negative, tab.seed, tab.steps, tab.cfg, tab.width, tab.height, tab.sampler,
+              tab.batch_count, tab.ticket]
+    outputs = [tab.gallery, tab.seeds_note, tab.summary, report_json, tab.last_seed, tab.last_reports]
+
+    def reserve(request: gr.Request):
+        return server.jobs.reserve(owner_of(request)), ""
+
+    run_options: dict[str, Any] = {"concurrency_id": GPU, "concurrency_limit": 1, "show_progress_on": [tab.gallery]}
+    event = tab.run.click(reserve, None, [tab.ticket, tab.stop_note], queue=False, api_visibility="private",
+                          show_progress="hidden").then(generate, inputs, outputs, api_name="generate", **run_options)
+    submitted = tab.prompt.submit(reserve, None, [tab.ticket, tab.stop_note], queue=False, api_visibility="private",
+                      show_progress="hidden").then(generate, inputs, outputs, api_visibility="private", **run_options)
+
+    def stop(request: gr.Request) -> str:
+        """Stop this visitor's jobs; the person at this computer may also stop anyone's running job."""
+        mine = server.jobs.stop(owner_of(request))
+        if mine.running or mine.queued:
+            parts = ["the running image ends at its next step (nothing of it is saved)"] if mine.running else []
+            if mine.queued:
+                parts.append("your queued job will not start")
+            return "⏹ **Stop requested**: " + "; ".join(parts) + "."
+        if is_local(request, server) and session.cancel_current():
+            return "⏹ **Stop requested**: the running job ends at its next step (nothing of it is saved)."
+        return "Nothing of yours is running."
+
+    tab.halt.click(stop, None, tab.stop_note, queue=False, api_name="stop", show_progress="hidden")
+    return [event, submitted]
+
+
+def _run_batch(session: Session, server: ServerInfo, form: GenerateForm, owner: str, ticket: str | None,
+               progress: gr.Progress, tab: GenerateTab, report_json: gr.File) -> Iterator[dict]:
+    """Run the images one after another, yielding the gallery as each one lands."""
+    paths: list[str] = []
+    reports: list = []
+    jsons: list[str] = []
+    stopped = False
+    with server.jobs.hold(owner, ticket) as token:
+        with engine_call():
+            requests = form.requests()
+        total_steps = sum(r.steps for r in requests)
+        count = len(requests)
+        if session.status()["busy"]:
+            progress(0, desc="waiting for the running job")
+        for index, request in enumerate(requests):
+            done_before = sum(r.steps for r in requests[:index])
+            label = f"image {index + 1} of {count}: denoising" if count > 1 else "denoising"
+
+            def on_step(event: StepEvent, done_before: int = done_before, label: str = label) -> None:
+                progress((done_before + event.step, total_steps), desc=label, unit="steps")
+
+            with engine_call():
+                try:
+                    result = session.generate(request, on_step=on_step, cancel=token)
+                except Cancelled:
+                    stopped = True
+            if stopped:
+                break
+            json_path = Path(result.paths[0]).with_suffix(".json")
+            result.report.write_json(json_path)
+            paths += [str(p) for p in result.paths]
+            reports.append(result.report)
+            jsons.append(str(json_path))
+            yield _outputs(tab, report_json, paths, reports, jsons, f"image {index + 1} of {count} done", False)
+    yield _outputs(tab, report_json, paths, reports, jsons, "", stopped, count)
+
+
+def _outputs(tab: GenerateTab, report_json: gr.File, paths: list[str], reports: list, jsons: list[str],
+             note: str, stopped: bool, count: int | None = None) -> dict:
+    seeds = [r.request.get("seed") for r in reports]
+    if stopped:
+        summary = (f"**Stopped** after {len(reports)} of {count} image{'s' if count != 1 else ''}; "
+                   "the image in progress was not saved.")
+        if reports:
+            summary += "\n\nLast finished: " + summary_line(reports[-1])
+    elif reports:
+        summary = summary_line(reports[-1]) + (f" ({note})" if note else "")
+    else:
+        summary = gr.skip()
+    return {
+        tab.gallery: paths or gr.skip(),
+        tab.seeds_note: f"Seeds: {', '.join(str(s) for s in seeds)}" if seeds else gr.skip(),
+        tab.summary: summary,
+        report_json: jsons or gr.skip(),
+        tab.last_seed: seeds[0] if seeds else gr.skip(),
+        tab.last_reports: reports if reports else gr.skip(),
+    }
