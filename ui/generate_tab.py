@@ -164,11 +164,12 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
     def reserve(request: gr.Request):
         return server.jobs.reserve(owner_of(request)), ""
 
-    run_options: dict[str, Any] = {"concurrency_id": GPU, "concurrency_limit": 1, "show_progress_on": [tab.gallery]}
-    event = tab.run.click(reserve, None, [tab.ticket, tab.stop_note], queue=False, api_visibility="private",
-                          show_progress="hidden").then(generate, inputs, outputs, api_name="generate", **run_options)
-    submitted = tab.prompt.submit(reserve, None, [tab.ticket, tab.stop_note], queue=False, api_visibility="private",
-                      show_progress="hidden").then(generate, inputs, outputs, api_visibility="private", **run_options)
+    first: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+    run: dict[str, Any] = {"concurrency_id": GPU, "concurrency_limit": 1, "show_progress_on": [tab.gallery]}
+    clicked = tab.run.click(reserve, None, [tab.ticket, tab.stop_note], **first)
+    event = clicked.then(generate, inputs, outputs, api_name="generate", **run)
+    submitted = tab.prompt.submit(reserve, None, [tab.ticket, tab.stop_note], **first)
+    submitted = submitted.then(generate, inputs, outputs, api_visibility="private", **run)
 
     def stop(request: gr.Request) -> str:
         """Stop this visitor's jobs; the person at this computer may also stop anyone's running job."""

@@ -75,7 +75,8 @@ def commit(session: Session, new: Settings) -> list[Change]:
     return changes
 
 
-def save_changes(session: Session, server: ServerInfo, changes: dict[str, Any], request: gr.Request | None) -> list[Change]:
+def save_changes(session: Session, server: ServerInfo, changes: dict[str, Any],
+                 request: gr.Request | None) -> list[Change]:
     """Validate `changes` against the saved settings and commit them; nothing is saved on error."""
     _require_local(server, request)
     with engine_call():

@@ -80,24 +80,25 @@ def render_lora(lora: dict) -> list[str]:
         for row in stack:
             unmatched = row.get("unmatched_keys", 0)
             examples = ", ".join(f"`{k}`" for k in row.get("unmatched_examples", []))
-            lines.append(f"| {row.get('name')} (`{row.get('hash', '')}`) | {row.get('weight')} | {row.get('format', '')} "
-                         f"| {row.get('layers', '')} | {unmatched}{': ' + examples if unmatched and examples else ''} "
-                         f"| {row.get('cache', '')} |")
+            keys = f"{unmatched}: {examples}" if unmatched and examples else str(unmatched)
+            lines.append(f"| {row.get('name')} (`{row.get('hash', '')}`) | {row.get('weight')} | "
+                         f"{row.get('format', '')} | {row.get('layers', '')} | {keys} | {row.get('cache', '')} |")
         lines.append("")
     else:
         lines.append("No LoRAs in this generation.")
     patch, unpatch, cache = lora.get("patch") or {}, lora.get("unpatch") or {}, lora.get("cache") or {}
     details = []
     if patch:
-        details.append(f"patch: {patch.get('tensors_touched', 0)} tensors changed, {patch.get('tensors_skipped', 0)} "
-                       f"unchanged, {1000 * float(patch.get('seconds', 0.0)):.1f} ms")
+        details.append(f"patch: {patch.get('tensors_touched', 0)} tensors changed, "
+                       f"{patch.get('tensors_skipped', 0)} unchanged, {1000 * float(patch.get('seconds', 0.0)):.1f} ms")
     if unpatch:
         seconds = _unpatch_seconds(unpatch)
         details.append(f"unpatch: {str(unpatch.get('method', '?')).replace('_', ' ')}, {unpatch.get('tensors', 0)} "
                        f"tensors" + (f", {1000 * seconds:.1f} ms" if seconds is not None else ""))
     if cache:
         details.append(f"LoRA cache: {cache.get('entries', 0)} files, {_mb(cache.get('bytes'))} of "
-                       f"{_mb(cache.get('budget_bytes'))}, {cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses")
+                       f"{_mb(cache.get('budget_bytes'))}, {cache.get('hits', 0)} hits, "
+                       f"{cache.get('misses', 0)} misses")
     if "unpatch_lora_by_vram_offload" in lora:
         details.append(f"mode {lora.get('mode', '?')}, unpatch_lora_by_vram_offload "
                        f"{'on' if lora['unpatch_lora_by_vram_offload'] else 'off'}")

@@ -35,6 +35,10 @@ class RunningApp:
     local_url: str
     server: ServerInfo
 
+    def start_public_link(self) -> None:
+        """Try the tunnel in the background (launch_app does this unless told to wait)."""
+        self.server.public.start(self.app.server_name, self.app.server_port, self.app.share_token)
+
     def close(self) -> None:
         self.app.close()
 
@@ -50,8 +54,10 @@ def served_folders(session: Session) -> tuple[list[str], list[str]]:
 
 
 def launch_app(session: Session, port: int | None = None, quiet: bool = False, share: bool = False,
-               opener: Opener | None = None, announce: Callable[[str], None] | None = None) -> RunningApp:
-    """Launch without blocking. With `share`, login is required and the tunnel is tried in the background."""
+               opener: Opener | None = None, announce: Callable[[str], None] | None = None,
+               start_tunnel: bool = True) -> RunningApp:
+    """Launch without blocking. With `share`, login is required and the tunnel is tried in the background
+    (now, or when the caller calls `start_public_link`, with start_tunnel=False)."""
     from ui.app import build_app
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -66,9 +72,10 @@ def launch_app(session: Session, port: int | None = None, quiet: bool = False, s
                                  auth_message=AUTH_MESSAGE if credentials else None, allowed_paths=allowed,
                                  blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb")
     server.port = app.server_port
-    if share:
-        server.public.start(app.server_name, app.server_port, app.share_token)
-    return RunningApp(app, local_url, server)
+    running = RunningApp(app, local_url, server)
+    if share and start_tunnel:
+        running.start_public_link()
+    return running
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -87,12 +94,13 @@ def serve(args: argparse.Namespace) -> int:
           f"on {session.runtime.device}/{session.runtime.dtype_name}")
     port = args.port if args.port is not None else settings.port
     share = bool(getattr(args, "share", False) or settings.share)
-    running = launch_app(session, port=port or None, quiet=True, share=share, announce=print)
+    running = launch_app(session, port=port or None, quiet=True, share=share, announce=print, start_tunnel=False)
     print(f"LoRA Studio is running at {running.local_url}  (Ctrl+C to quit)")
     if running.server.credentials is not None:
         creds = running.server.credentials
         print(f"Public link requested: trying it in the background. Login: {creds.user} / {creds.password}"
               + (" (generated for this run; set auth_password in Preferences to keep one)" if creds.generated else ""))
+        running.start_public_link()  # after the lines above, so its outcome prints below them
     if not args.no_browser:
         webbrowser.open(running.local_url)
     try:

@@ -88,6 +88,10 @@ def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     expect(page.locator("#seed input")).to_have_value("11")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "generate-tab.png"), full_page=True)
+    page.locator("#gallery img").nth(1).click()  # picking an image makes ♻ reuse its seed
+    expect(page.locator("#seeds-note")).to_contain_text("Selected image: seed 12")
+    page.locator("#seed-reuse").click()
+    expect(page.locator("#seed input")).to_have_value("12")
 
     _tab(page, "Report")
     table = page.locator("#report-table")
@@ -110,6 +114,7 @@ def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     page.locator("#prefs-save").click()
     expect(page.locator("#prefs-result")).to_contain_text("Default steps: 20 → 7", timeout=LONG)
     expect(page.locator("#prefs-result")).to_contain_text("applies now")
+    page.locator(".toast-close").first.click()  # the refusal above was seen; keep it out of the screenshot
     page.screenshot(path=str(SCREENSHOTS / "preferences.png"), full_page=True)
 
     page.reload()

@@ -113,15 +113,19 @@ def test_only_the_outputs_folder_is_served_never_the_config(shared, tiny_session
         image.unlink()
 
 
-def test_a_tunnel_attempt_runs_in_a_daemon_thread(tmp_path):
-    started = threading.Event()
+def test_a_tunnel_attempt_runs_in_a_daemon_thread():
+    started, release = threading.Event(), threading.Event()
 
     def slow_opener(host: str, port: int, token: str) -> str:
         started.set()
-        time.sleep(30)
-        return "never"
+        release.wait(30)
+        raise ShareFailed("gave up")
 
     link = PublicLink(opener=slow_opener, announce=lambda message: None)
     thread = link.start("127.0.0.1", 1, "t")
-    assert started.wait(5) and thread.daemon and link.state is LinkState.CONNECTING
-    assert "connecting" in link.describe(None, local=True)
+    try:
+        assert started.wait(5) and thread.daemon and link.state is LinkState.CONNECTING
+        assert "connecting" in link.describe(None, local=True)
+    finally:
+        release.set()
+    assert link.wait(5) and link.state is LinkState.FAILED
