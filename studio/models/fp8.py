@@ -51,8 +51,8 @@ def enable_fp8_storage(module: nn.Module, compute_dtype: torch.dtype) -> int:
     """
     if compute_dtype in FP8_DTYPES:
         raise ValueError("fp8 is a storage dtype here; compute in bf16, fp16 or fp32")
-    if is_fp8_stored(module):
-        return 0
+    if fp8_layers(module):
+        return 0  # already stored in fp8 (diffusers would refuse a second hook)
     device = next(module.parameters()).device
     ok, why = fp8_supported(device)
     if not ok:

@@ -59,24 +59,22 @@ def test_diffusers_tiling_is_not_exact_even_for_a_local_decoder(tiny_vae):
 
 def test_tiny_vae_tiled_error_is_bounded_and_below_diffusers(tiny_vae):
     """GroupNorm and mid-block attention see only the tile, so no tiler is exact on a real VAE.
-    Measured (random weights, 48x48 latents, mean |full| 0.27, seeds 1-3): ours 0.051 mean abs
-    error at 24-latent tiles vs diffusers 0.075-0.078; ours 0.027 at 32."""
+    Measured (random weights, 48x48 latents, 32-latent tiles, mean |full| 0.27, seeds 1-3): mean abs
+    error ours 0.027-0.030, diffusers' enable_tiling 0.043-0.047; with 24-latent tiles 0.051 vs 0.077."""
     torch.manual_seed(1)
     z = torch.randn(1, 4, 48, 48)
     with torch.no_grad():
         full = decode(tiny_vae, z)
-        ours24 = decode(tiny_vae, z, TilePlan(24, 12))
-        ours32 = decode(tiny_vae, z, TilePlan(32, 12))
+        ours = decode(tiny_vae, z, TilePlan(32, 12))
         tiny_vae.enable_tiling()
-        tiny_vae.tile_latent_min_size, tiny_vae.tile_sample_min_size = 24, 192
+        tiny_vae.tile_latent_min_size, tiny_vae.tile_sample_min_size = 32, 256
         try:
-            theirs24 = tiny_vae.decode(z).sample
+            theirs = tiny_vae.decode(z).sample
         finally:
             tiny_vae.disable_tiling()
-    err = {name: (img - full).abs().mean().item() for name, img in
-           {"ours24": ours24, "ours32": ours32, "theirs24": theirs24}.items()}
-    assert err["ours32"] < err["ours24"] < err["theirs24"]
-    assert err["ours24"] < 0.25 * full.abs().mean().item()
+    ours_err, theirs_err = (ours - full).abs().mean().item(), (theirs - full).abs().mean().item()
+    assert ours_err < 0.8 * theirs_err
+    assert ours_err < 0.15 * full.abs().mean().item()
 
 
 def test_untiled_decode_is_the_plain_vae_decode(tiny_vae):
