@@ -150,7 +150,7 @@ def test_png_info_restores_the_parameters_into_generate(page, tmp_path):
     expect(page.locator("#size-preset input")).to_have_value("832×1216 (13:19, SDXL)")
 
 
-def test_stop_midway_is_acknowledged_at_once_and_the_run_ends(page):
+def test_a_second_visitor_sees_the_queue_and_stop_midway_is_acknowledged_at_once(page, browser, app_url):
     from playwright.sync_api import expect
 
     page.locator("#prompt textarea").fill("a very long run")
@@ -159,7 +159,23 @@ def test_stop_midway_is_acknowledged_at_once_and_the_run_ends(page):
     page.locator("#generate").click()
     expect(page.locator("#gallery")).to_contain_text("denoising", timeout=LONG)
     expect(page.locator("#live-status")).to_contain_text("Generating", timeout=LONG)
+
+    other = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    other.goto(app_url)
+    expect(other.locator("#model-line")).to_contain_text("ready", timeout=LONG)
+    other.locator("#prompt textarea").fill("waits its turn")
+    _set_number(other, "#steps input[type=number]", "2")
+    other.locator("#generate").click()
+    expect(other.locator("#gallery")).to_contain_text("queue: 1/1", timeout=LONG)  # Gradio's own position
+    expect(other.locator("#live-status")).to_contain_text("1 in the queue", timeout=LONG)
+    other.locator("#stop").click()  # the other visitor's Stop never touches the first one's run
+    expect(other.locator("#stop-note")).to_contain_text("your queued job will not start", timeout=5_000)
+    expect(page.locator("#live-status")).to_contain_text("Generating")
+
     page.locator("#stop").click()
     expect(page.locator("#stop-note")).to_contain_text("Stop requested", timeout=5_000)
     expect(page.locator("#summary")).to_contain_text(re.compile(r"Stopped after \d of 4 images"), timeout=LONG)
+    # the queued job ends as soon as its turn comes, without running
+    expect(other.locator("#summary")).to_contain_text("Stopped after 0 of 1 image", timeout=LONG)
     expect(page.locator("#live-status")).to_contain_text("Idle", timeout=LONG)
+    other.context.close()
