@@ -135,6 +135,7 @@ class Placement:
 
     def switch(self, mode: str, budgets: Budgets, lookahead: int | None = None, **kwargs) -> Placement:
         """Close this placement and apply `mode` to the same pipeline and cache (no reload)."""
+        kwargs.setdefault("keys", {name: handle.key for name, handle in self.handles.items()})
         self.close()
         return apply_memory_mode(self.pipe, mode, self.device, budgets,
                                  self.lookahead if lookahead is None else lookahead, cache=self.cache,
@@ -158,9 +159,12 @@ def choose_mode(sizes: dict[str, int], budgets: Budgets) -> tuple[str, str]:
 
 def apply_memory_mode(pipe, mode: str, device: torch.device | str, budgets: Budgets, lookahead: int = 2, *,
                       cache: ModelCache | None = None, stream_impl: str = "ring", emulate_on_cpu: bool = False,
-                      key_prefix: str = "", max_unit_bytes: int = 64 << 20, min_unit_bytes: int = 1 << 20,
-                      stream_backend=None) -> Placement:
-    """Place `pipe`'s components for `mode`; returns the Placement that says where they are."""
+                      key_prefix: str = "", keys: dict[str, str] | None = None, max_unit_bytes: int = 64 << 20,
+                      min_unit_bytes: int = 1 << 20, stream_backend=None) -> Placement:
+    """Place `pipe`'s components for `mode`; returns the Placement that says where they are.
+
+    Components are cached under `key_prefix + name` (or `keys[name]`), admitted on first use.
+    """
     mode = str(getattr(mode, "value", mode))
     if mode not in MODES:
         raise ValueError(f"`memory_mode` must be one of {', '.join(MODES)}, got {mode!r}")
@@ -175,7 +179,7 @@ def apply_memory_mode(pipe, mode: str, device: torch.device | str, budgets: Budg
     handles: dict[str, PinHandle] = {}
     try:
         for name, module in modules.items():
-            key = key_prefix + name
+            key = (keys or {}).get(name, key_prefix + name)
             handles[name] = cache.pin(key) if cache.lookup(key) is not None else cache.put(key, module)
     except BaseException:
         for handle in handles.values():

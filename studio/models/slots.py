@@ -133,7 +133,8 @@ class HostArena:
         if pin and size > 0:
             _register(self.buffer)
             self.pinned = True
-        self._finalizer = weakref.finalize(self, _unregister, self.buffer.data_ptr()) if self.pinned else None
+        # The finalizer holds the buffer, so the memory outlives its registration.
+        self._finalizer = weakref.finalize(self, _unregister, self.buffer) if self.pinned else None
 
     def view(self, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         count = math.prod(shape)
@@ -154,9 +155,10 @@ def _register(buffer: torch.Tensor) -> None:
         raise RuntimeError(f"cudaHostRegister of {buffer.numel()} bytes failed (cudaError {err})")
 
 
-def _unregister(ptr: int) -> None:
+def _unregister(buffer: torch.Tensor) -> None:
     try:
-        err = int(torch.cuda.cudart().cudaHostUnregister(ptr))
+        torch.cuda.synchronize()  # no copy may still be reading it (eviction is rare: never in the loop)
+        err = int(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()))
     except RuntimeError:  # interpreter shutdown: the CUDA context may already be gone
         return
     if err != 0:
