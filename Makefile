@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test install install-test browser clean
+.PHONY: run test install install-test browser clean screenshots
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ run: install
 
 test: install-test browser
 	$(PY) -m pytest $(ARGS)
+
+# Refresh the README's screenshots from the real-browser tests.
+screenshots: install-test browser
+	LORA_STUDIO_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q tests/ui/test_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

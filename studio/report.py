@@ -41,6 +41,7 @@ class Report:
     lora: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     status: str = "ok"  # "ok" or "cancelled"
+    created: float = field(default_factory=time.time)  # wall clock, for charts across a session
 
     @property
     def it_per_s(self) -> float:

@@ -102,6 +102,7 @@ class Session:
         self._state_lock = threading.Lock()  # guards the counters below
         self._waiting = 0
         self._current: CancelToken | None = None
+        self._progress: tuple[int, int] | None = None  # (step, total) of the running job
         self._pipe = None
         self.model: ModelInfo | None = None
         self.history: deque[Report] = deque(maxlen=200)  # this session's reports, oldest first
@@ -111,23 +112,30 @@ class Session:
     def apply_settings(self, settings: Settings) -> dict[str, Applies]:
         """Take new settings; returns the changed fields and when each takes effect.
 
-        Device/precision/model changes reload the model at the next generation (or now via
-        load_model); "restart" fields are kept in the settings for the next start.
+        "Now" fields apply at once, without waiting for a running generation (LoRA settings
+        take effect at the next apply). Model-reload fields wait for the pipeline lock and
+        drop the pipeline; the next generation loads it again. Restart-only fields (port,
+        outputs folder, public link) keep their running values: the caller saves the file.
         """
         settings = settings.validated()
         changed = {name: SETTING_INFO[name].applies for name in SETTING_INFO
                    if getattr(settings, name) != getattr(self.settings, name)}
         runtime = resolve_runtime(settings.device, settings.precision)  # raises before anything changes
+        keep = {name: getattr(self.settings, name) for name, applies in changed.items() if applies is Applies.RESTART}
+        live = settings.replace(**keep) if keep else settings
+        lora_settings = patcher_settings(live.lora_mode, live.unpatch_lora_by_vram_offload)
+        if not any(applies is Applies.MODEL_RELOAD for applies in changed.values()):
+            self.settings = live
+            self.loras.configure(live.lora_cache_mb, lora_settings)
+            return changed
         with self._lock:
-            self.settings = settings
-            self.loras.configure(settings.lora_cache_mb,
-                                 patcher_settings(settings.lora_mode, settings.unpatch_lora_by_vram_offload))
-            if any(applies is Applies.MODEL_RELOAD for applies in changed.values()):
-                self.runtime = runtime
-                self.loras.unbind()
-                self._pipe = None  # reloaded by the next generation
-                self.model = None
-                release_freed_memory()
+            self.settings = live
+            self.loras.configure(live.lora_cache_mb, lora_settings)
+            self.runtime = runtime
+            self.loras.unbind()
+            self._pipe = None  # reloaded by the next generation
+            self.model = None
+            release_freed_memory()
         return changed
 
     # ---- model ---------------------------------------------------------------------------
@@ -186,11 +194,12 @@ class Session:
         finally:
             with self._state_lock:
                 self._current = None
+                self._progress = None
             self._lock.release()
 
     def status(self) -> dict:
         with self._state_lock:
-            status = {"busy": self._current is not None, "waiting": self._waiting,
+            status = {"busy": self._current is not None, "waiting": self._waiting, "progress": self._progress,
                       "model": self.model.to_dict() if self.model else None, "rss": rss_bytes()}
         if self.runtime.device.type == "cuda":
             status["cuda_allocated"] = torch.cuda.memory_allocated(self.runtime.device)
@@ -283,6 +292,7 @@ class Session:
             now = time.perf_counter()
             report.step_seconds.append(round(now - last[0], 5))
             last[0] = now
+            self._progress = (index + 1, request.steps)
             if on_step is not None:
                 on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1]))
             token.raise_if_cancelled()  # lands within one step of the click

@@ -88,3 +88,22 @@ def test_session_applies_settings_and_flags_a_reload(session_dirs):
     with pytest.raises(SettingsError, match="fp16 on the CPU"):
         session.apply_settings(session.settings.replace(precision="fp16"))
     assert session.settings.precision == Precision.FP32  # a refused change leaves the old settings
+
+
+def test_now_settings_apply_during_a_generation_and_restart_ones_wait(session_dirs):
+    import threading
+
+    from studio.session import Session
+
+    session = Session(Settings(device="cpu", precision="bf16"), session_dirs)
+    session._lock.acquire()  # as if a generation were running
+    try:
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (session.apply_settings(
+            session.settings.replace(default_steps=7, outputs_dir="/elsewhere", port=9000)), done.set()))
+        worker.start()
+        assert done.wait(5), "a 'now' change waited for the running generation"
+    finally:
+        session._lock.release()
+    assert session.settings.default_steps == 7
+    assert session.settings.outputs_dir == "" and session.settings.port == 7860  # kept until restart
