@@ -155,7 +155,12 @@ def run_modes(pipe, device, dtype, args, dry: bool) -> list[dict]:
 
     cache, rows, fp16_unet, fp8_unet = ModelCache(device), [], pipe.unet, None
     unit_sizes = {"min_unit_bytes": 16 << 10, "max_unit_bytes": 256 << 10} if dry else {}
-    for spec in configurations(dry):
+    wanted = {name.strip() for name in args.configs.split(",") if name.strip()}
+    specs = [c for c in configurations(dry) if not wanted or c["name"] in wanted]
+    if wanted - {c["name"] for c in specs}:
+        raise SystemExit(f"unknown configuration(s): {sorted(wanted - {c['name'] for c in specs})}; known: "
+                         f"{[c['name'] for c in configurations(dry)]}")
+    for spec in specs:
         if spec.get("fp8") and fp8_unet is None:
             fp8_unet = build_tiny(dtype).unet if dry else build_random_sdxl(device, dtype, unet_only=True)
             enable_fp8_storage(fp8_unet, dtype)
@@ -187,10 +192,11 @@ def run_modes(pipe, device, dtype, args, dry: bool) -> list[dict]:
                      "notes": report["notes"]})
         print(f"  {spec['name']:<24} {rows[-1]['s_per_step']:.4f} s/step", flush=True)
     pipe.unet = fp16_unet
-    full = next(r for r in rows if r["name"] == "full")
+    full = next((r for r in rows if r["name"] == "full"), None)
     for r in rows:
-        r["step_ratio_to_full"] = r["s_per_step"] / full["s_per_step"] if full["s_per_step"] else None
-        r["vram_ratio_to_full"] = r["peak_allocated"] / full["peak_allocated"] if full["peak_allocated"] else None
+        r["step_ratio_to_full"] = r["s_per_step"] / full["s_per_step"] if full and full["s_per_step"] else None
+        r["vram_ratio_to_full"] = r["peak_allocated"] / full["peak_allocated"] if full and full["peak_allocated"] \
+            else None
     return rows
 
 
@@ -291,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--configs", default="", help="comma-separated configuration names (default: all)")
     args = parser.parse_args(argv)
     dry = args.dry_run
     if not dry and not torch.cuda.is_available():

@@ -150,6 +150,26 @@ def test_memory_report_for_a_generation(pipe):
     placement.close()
 
 
+def test_gpu_suite_dry_run_keeps_working(tmp_path):
+    """bench/gpu_suite.py --dry-run: the benchmark's whole flow on the tiny model, on the CPU."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    out = tmp_path / "suite.json"
+    assert suite.main(["--dry-run", "--skip-overhead", "--configs", "full,stream N=2,fp8 stream N=4",
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["modes"]}
+    assert [rows[n]["mode"] for n in ("full", "stream N=2", "fp8 stream N=4")] == ["full", "stream", "stream"]
+    assert rows["fp8 stream N=4"]["unet_weight_bytes"] < 0.55 * rows["full"]["unet_weight_bytes"]
+    assert all(r["s_per_step"] > 0 for r in rows.values()) and rows["full"]["step_ratio_to_full"] == 1.0
+
+
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_cuda_modes_match_and_stream_uses_less_vram(device, pipe):
