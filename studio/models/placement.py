@@ -16,6 +16,10 @@
 - auto: full if everything fits the VRAM budget, else offload if the largest phase fits, else stream.
 Without a GPU every mode degrades to "everything on the CPU" (mode "cpu", with a note), unless
 `emulate_on_cpu` runs the requested mode's machinery on the CPU (tests, bench --dry-run).
+
+Weights may only be written (LoRA patches) inside the phase that holds their component: outside
+it they may point at the pristine copy. Streamed and fp8 layers take LoRAs as sidecars only
+(`must_run_lora_as_sidecar`); a merge into a streamed layer is caught as PristineCorrupted.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import torch
 
 from studio.models.budget import Budgets
 from studio.models.cache import ModelCache, PinHandle, PristineCorrupted, normalize_device
-from studio.models.stream import LayerStreamer
+from studio.models.fp8 import is_fp8_stored
+from studio.models.stream import LayerStreamer, is_streamed
 
 log = logging.getLogger(__name__)
 MB = 1 << 20
@@ -100,6 +105,12 @@ class Placement:
             out[name] = ComponentPlacement(where, record.nbytes if record else 0, device_bytes, on_demand)
         return out
 
+    def pristine(self, component: str, name: str) -> torch.Tensor | None:
+        """The cache's read-only pristine copy of `component`'s tensor `name`: the LoRA patcher's
+        `pristine_source`, so touched weights are not copied to RAM a second time."""
+        handle = self.handles.get(component)
+        return self.cache.pristine(handle.key, name) if handle is not None else None
+
     @property
     def h2d_bytes(self) -> int:
         """Host-to-device bytes copied by locks and the streamer since the cache was made."""
@@ -140,6 +151,12 @@ class Placement:
         return apply_memory_mode(self.pipe, mode, self.device, budgets,
                                  self.lookahead if lookahead is None else lookahead, cache=self.cache,
                                  stream_impl=kwargs.pop("stream_impl", self.stream_impl), **kwargs)
+
+
+def must_run_lora_as_sidecar(module: torch.nn.Module) -> bool:
+    """True where the memory engine forbids merging a LoRA: streamed layers (their live weight is
+    the pinned pristine copy between forwards) and fp8-stored layers (merging loses ~85% of the delta)."""
+    return is_streamed(module) or is_fp8_stored(module)
 
 
 def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
@@ -250,4 +267,4 @@ def _diffusers_group_offload(p: Placement, unet: torch.nn.Module) -> None:
 
 
 __all__ = ["ComponentPlacement", "Placement", "PristineCorrupted", "apply_memory_mode", "choose_mode",
-           "pipeline_components"]
+           "must_run_lora_as_sidecar", "pipeline_components"]

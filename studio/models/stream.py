@@ -104,6 +104,7 @@ def plan_units(root: nn.Module, slots: list[Slot], max_unit_bytes: int,
             members[unit].append(slot)
     units = []
     for (name, mod), own in zip(picked, members):
+        own.sort(key=lambda s: s.offset)
         if own:
             units.append(Unit(len(units), name, mod, own, sum(s.nbytes for s in own), _ranges(own)))
     return units, resident
@@ -197,11 +198,14 @@ class LayerStreamer:
         check_rest([s for u in self.units for s in u.slots], "streamed UNet")
 
     def idle(self) -> None:
-        """Drop every in-flight buffer and put units back at rest (end of a phase, or after an error)."""
-        for unit in self.units:
-            if unit.index in self._active or any(u is unit for u, _ in self._flight.values()):
-                for slot in unit.slots:
-                    slot.to_rest()
+        """Drop every in-flight buffer and put units back at rest (end of a phase, or after an error).
+
+        Units in flight but not yet running were never pointed at their buffers; dropping the
+        buffers is safe because they belong to the copy stream, which is ordered after their copies.
+        """
+        for index in self._active:
+            for slot in self.units[index].slots:
+                slot.to_rest()
         self._flight.clear()
         self._active.clear()
         self._next = self._cur
@@ -244,8 +248,8 @@ class LayerStreamer:
         if position is None:  # loaded on demand; the next copy waits on a fresh barrier first
             return
         self.backend.record(self._done[position % self.lookahead], self._compute, ("computed", position))
-        del self._flight[position]  # safe: the next copy stream op waits on the event just recorded
-        self._cur = position + 1
+        del self._flight[position]  # safe: the copy issued next (position + N) waits on that event first
+        self._cur = max(self._cur, position + 1)
         self._fill()
 
     # -- copies --------------------------------------------------------------------------------
@@ -289,12 +293,17 @@ class LayerStreamer:
         return buffers
 
     def _resync(self, unit: Unit) -> bool:
-        """The model called `unit` out of the recorded order: restart the ring at its next position."""
+        """The model called `unit` out of the recorded order: restart the ring at its next position.
+
+        Returns False (the caller loads the unit on demand) when it is not in the order, or when
+        another unit is still running: units are disjoint subtrees, so that only happens when a
+        module calls one outside its own subtree, and the ring is then left as it is.
+        """
         length = len(self.order)
         ahead = next((d for d in range(length) if self.order[(self._cur + d) % length] == unit.index), None)
         self.stats.resyncs += 1
         log.debug("stream: %s out of order (%s)", unit.name, "resync" if ahead is not None else "not in the order")
-        if ahead is None:
+        if ahead is None or self._active:
             return False
         self.idle()
         self._cur = self._next = self._cur + ahead
@@ -305,7 +314,7 @@ def _point(unit: Unit, buffers: list[torch.Tensor]) -> None:
     """Point each slot of `unit` at its bytes inside the copied ranges."""
     spans = iter(zip(unit.ranges, buffers))
     (start, end), buf = next(spans)
-    for slot in sorted(unit.slots, key=lambda s: s.offset):
+    for slot in unit.slots:  # sorted by offset in plan_units
         while slot.offset >= end:
             (start, end), buf = next(spans)
         raw = buf[slot.offset - start:slot.offset - start + slot.nbytes]
