@@ -41,6 +41,7 @@ class Report:
     lora: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     status: str = "ok"  # "ok" or "cancelled"
+    notes: list[str] = field(default_factory=list)  # what the engine decided on its own (tiling, fp8 off, ...)
     created: float = field(default_factory=time.time)  # wall clock, for charts across a session
 
     @property

@@ -21,10 +21,17 @@ import torch
 from PIL import Image
 
 from studio import __version__
-from studio.errors import Cancelled, OutOfMemory
+from studio.errors import Cancelled
 from studio.lora.engine import COMPONENT_ATTRS, LoraEngine, patcher_settings
 from studio.lora.stack import StackItem, resolve_stack, search_dirs
-from studio.memory import PeakRss, cuda_peaks, release_freed_memory, rss_bytes
+from studio.lora.sidecar import needs_sidecar
+from studio.memory import release_freed_memory, rss_bytes
+from studio.models.budget import measure_budgets, oom_guard
+from studio.models.cache import ModelCache
+from studio.models.fp8 import enable_fp8_storage, fp8_supported
+from studio.models.memory_report import MemoryWatch
+from studio.models.placement import Placement, apply_memory_mode, must_run_lora_as_sidecar
+from studio.models.vae_decode import decode as vae_decode, plan_decode
 from studio.metadata import format_infotext, save_png
 from studio.models.architectures import SDXL_DEFAULT_SIZE, TINY_DEFAULT_SIZE
 from studio.models.hashing import model_sha256
@@ -104,6 +111,9 @@ class Session:
         self._current: CancelToken | None = None
         self._progress: tuple[int, int] | None = None  # (step, total) of the running job
         self._pipe = None
+        self._cache: ModelCache | None = None
+        self._placement: Placement | None = None
+        self._load_notes: list[str] = []
         self.model: ModelInfo | None = None
         self.history: deque[Report] = deque(maxlen=200)  # this session's reports, oldest first
         self.loras = LoraEngine(self.settings.lora_cache_mb,
@@ -132,10 +142,7 @@ class Session:
             self.settings = live
             self.loras.configure(live.lora_cache_mb, lora_settings)
             self.runtime = runtime
-            self.loras.unbind()
-            self._pipe = None  # reloaded by the next generation
-            self.model = None
-            release_freed_memory()
+            self._unload_locked()  # reloaded by the next generation
         return changed
 
     # ---- model ---------------------------------------------------------------------------
@@ -147,21 +154,53 @@ class Session:
             return self._load_locked(source)
 
     def _load_locked(self, source: ModelSource) -> ModelInfo:
-        self.loras.unbind()  # restores the old weights and forgets parses bound to its layer names
-        self._pipe = None  # drop the old pipeline before loading the new one: peak RAM is one model
-        self.model = None
-        release_freed_memory()
+        self._unload_locked()  # before loading the new one: peak RAM is one model
         start = time.perf_counter()
-        pipe = load_pipeline(source, self.runtime.dtype)
-        pipe.to(self.runtime.device)
+        pipe = load_pipeline(source, self.runtime.dtype, self.runtime.device)
         sha = model_sha256(source.path, self.dirs.cache / "model-hashes.json") if source.kind.value != "hub" else ""
-        self.loras.bind({attr: getattr(pipe, attr) for attr in COMPONENT_ATTRS})
+        device, settings = self.runtime.device, self.settings
+        self._load_notes = []
+        fp8 = False
+        if settings.fp8_storage:
+            fp8, why = fp8_supported(device)
+            if fp8:
+                enable_fp8_storage(pipe.unet, self.runtime.dtype)  # before caching: the pristine copy is fp8 too
+            else:
+                self._load_notes.append(f"fp8 storage is off: {why}")
+        self._cache = ModelCache(device, ram_budget=self._budgets().ram or None,
+                                 vram_budget=self._budgets().vram or None)
+        self._placement = apply_memory_mode(pipe, settings.memory_mode, device, self._budgets(),
+                                            settings.stream_lookahead, cache=self._cache, key_prefix=f"{sha[:12]}:")
+        not_mergeable = "streamed" if self._placement.mode == "stream" else "stored in fp8" if fp8 else ""
+        self.loras.bind({attr: getattr(pipe, attr) for attr in COMPONENT_ATTRS},
+                        pristine_source=self._placement.pristine,
+                        sidecar_predicate=lambda m: needs_sidecar(m) or must_run_lora_as_sidecar(m),
+                        unet_must_not_merge=not_mergeable)
         self._pipe = pipe
         self._default_scheduler_config = dict(pipe.scheduler.config)
         self.model = ModelInfo(source, sha, time.perf_counter() - start)
-        log.info("loaded %s (%s) in %.2fs on %s/%s", source.name, source.kind.value, self.model.load_seconds,
-                 self.runtime.device, self.runtime.dtype_name)
+        log.info("loaded %s (%s) in %.2fs on %s/%s, memory mode %s", source.name, source.kind.value,
+                 self.model.load_seconds, device, self.runtime.dtype_name, self._placement.mode)
         return self.model
+
+    def _budgets(self):
+        s = self.settings
+        held = self._cache.used(self.runtime.device) if self._cache is not None else 0
+        return measure_budgets(self.runtime.device, ram_limit_mb=s.ram_limit_mb, vram_limit_mb=s.vram_limit_mb,
+                               working_memory_mb=s.working_memory_mb, held_vram=held)
+
+    def _unload_locked(self) -> None:
+        """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache."""
+        try:
+            self.loras.unbind()  # restores the weights and forgets parses bound to its layer names
+        finally:
+            if self._placement is not None:
+                self._placement.close()
+            self._placement = None
+            self._cache = None
+            self._pipe = None
+            self.model = None
+            release_freed_memory()
 
     def _ensure_model(self) -> None:
         if self._pipe is None:
@@ -222,12 +261,9 @@ class Session:
         token = cancel or CancelToken()
         with self._job_slot(token):
             token.raise_if_cancelled()  # stopped while waiting in line
-            try:
+            # Outside every phase and lock, so they unwind (weights back at rest) before it frees memory.
+            with oom_guard(self._cache, "the generation"):
                 return self._generate_locked(request, stack, on_step, token, out_path)
-            except torch.cuda.OutOfMemoryError as err:
-                release_freed_memory()
-                raise OutOfMemory(f"the GPU ran out of memory ({err.args[0].splitlines()[0] if err.args else ''}); "
-                                  "try a smaller size, or free other GPU programs") from None
 
     def resolve(self, request: GenerationRequest) -> tuple[GenerationRequest, list[StackItem]]:
         """Validate and move `<lora:...>` prompt tags into the stack; unknown LoRA names fail here."""
@@ -252,14 +288,15 @@ class Session:
         height = request.height or self.native_size
         report = Report(request=request.to_dict() | {"width": width, "height": height}, model=self.model.to_dict(),
                         device=str(device), dtype=self.runtime.dtype_name)
-        with PeakRss() as rss, cuda_peaks(device) as peaks, torch.inference_mode():
+        placement = self._placement
+        with MemoryWatch(placement) as watch, torch.inference_mode():
             try:
-                with self.loras.applied_stack(stack, timer) as lora_report:
-                    report.lora = lora_report
-                    image = self._run(pipe, request, width, height, timer, report, on_step, token)
+                with self.loras.pinned(stack, timer) as loras:
+                    report.lora = loras.report
+                    image = self._run(pipe, placement, loras, request, width, height, timer, report, on_step, token)
                 with timer.phase("save"):
                     path = out_path or self._next_output_path(request.seed)
-                    hashes = {row["name"]: row["hash"] for row in lora_report["stack"]}
+                    hashes = {row["name"]: row["hash"] for row in report.lora["stack"]}
                     infotext = format_infotext(request, width=width, height=height, model_name=self.model.source.name,
                                                model_hash=self.model.short_hash, lora_hashes=hashes,
                                                version=f"lora-studio {__version__}")
@@ -270,20 +307,24 @@ class Session:
             finally:
                 timer.phases["total"] = time.perf_counter() - started  # includes a cold model load
                 report.phases = {k: round(v, 5) for k, v in timer.phases.items()}
-        report.memory = {"peak_rss": rss.peak, "rss": rss_bytes(), **peaks}
+        report.memory = watch.report(lora_cache_bytes=self.loras.cache.bytes_used)
+        report.notes.extend(self._load_notes)
         report.outputs = [str(path)]
         self.history.append(report)
         return GenerationResult(images=[image], paths=[Path(path)], report=report, infotext=infotext,
                                 seeds=[request.seed])
 
-    def _run(self, pipe, request: GenerationRequest, width: int, height: int, timer: PhaseTimer, report: Report,
-             on_step: StepCallback | None, token: CancelToken) -> Image.Image:
+    def _run(self, pipe, placement: Placement, loras, request: GenerationRequest, width: int, height: int,
+             timer: PhaseTimer, report: Report, on_step: StepCallback | None, token: CancelToken) -> Image.Image:
+        """Encode, denoise, decode; each phase holds its components on the device and patches its LoRAs."""
         device = self.runtime.device
         guided = request.cfg > 1.0
-        with timer.phase("text_encode"):
-            embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
-                prompt=request.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-                negative_prompt=request.negative or None)
+        with placement.phase("text_encode"):
+            loras.apply("text_encode")
+            with timer.phase("text_encode"):
+                embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
+                    prompt=request.prompt, device=device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=guided, negative_prompt=request.negative or None)
         token.raise_if_cancelled()
         pipe.scheduler = make_scheduler(request.sampler, self._default_scheduler_config)
         last = [time.perf_counter()]
@@ -298,16 +339,26 @@ class Session:
             token.raise_if_cancelled()  # lands within one step of the click
             return kwargs
 
-        with timer.phase("denoise"):
-            latents = pipe(
-                prompt_embeds=embeds, negative_prompt_embeds=neg_embeds, pooled_prompt_embeds=pooled,
-                negative_pooled_prompt_embeds=neg_pooled, num_inference_steps=request.steps,
-                guidance_scale=request.cfg, width=width, height=height,
-                generator=torch.Generator("cpu").manual_seed(request.seed), output_type="latent",
-                callback_on_step_end=step_end).images
+        with placement.phase("denoise"):
+            loras.apply("denoise")
+            with timer.phase("denoise"):
+                last[0] = time.perf_counter()
+                latents = pipe(
+                    prompt_embeds=embeds, negative_prompt_embeds=neg_embeds, pooled_prompt_embeds=pooled,
+                    negative_pooled_prompt_embeds=neg_pooled, num_inference_steps=request.steps,
+                    guidance_scale=request.cfg, width=width, height=height,
+                    generator=torch.Generator("cpu").manual_seed(request.seed), output_type="latent",
+                    callback_on_step_end=step_end).images
         token.raise_if_cancelled()
-        with timer.phase("vae_decode"):
-            return decode_latents(pipe, latents)
+        with plan_decode(self._cache, device, width, height, pipe.vae, self.settings.working_memory_mb,
+                         self._placement_budget_working()) as plan, placement.phase("decode"):
+            if plan is not None:
+                report.notes.append(f"VAE decode tiled ({plan}): the working memory did not fit")
+            with timer.phase("vae_decode"):
+                return decode_latents(pipe, latents, plan)
+
+    def _placement_budget_working(self) -> int:
+        return self._budgets().working if self.runtime.device.type == "cuda" else 0
 
     def _next_output_path(self, seed: int) -> Path:
         root = Path(self.settings.outputs_dir).expanduser() if self.settings.outputs_dir else self.dirs.default_outputs
@@ -318,14 +369,11 @@ class Session:
 
     def close(self) -> None:
         with self._lock:
-            self.loras.unbind()
-            self._pipe = None
-            self.model = None
-        release_freed_memory()
+            self._unload_locked()
 
 
-def decode_latents(pipe, latents: torch.Tensor) -> Image.Image:
-    """VAE decode as the SDXL pipeline does it (fp16 VAEs with force_upcast run in fp32)."""
+def decode_latents(pipe, latents: torch.Tensor, plan=None) -> Image.Image:
+    """VAE decode as the SDXL pipeline does it (fp16 VAEs with force_upcast run in fp32); tiled by `plan`."""
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:
@@ -339,7 +387,7 @@ def decode_latents(pipe, latents: torch.Tensor) -> Image.Image:
             latents = latents * std_t / vae.config.scaling_factor + mean_t
         else:
             latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
+        image = vae_decode(vae, latents, plan)
     finally:
         if upcast:
             vae.to(torch.float16)

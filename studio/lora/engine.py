@@ -1,29 +1,36 @@
-"""The LoRA side of a session: file cache, key index and patcher for the loaded pipeline.
+"""The LoRA side of a session: file cache, key index and patchers for the loaded pipeline.
 
 One engine per session; `bind` is called for every (re)loaded pipeline. Parsed files are
 bound to module names of one architecture, so a rebind empties the cache.
+
+There is one patcher per memory phase (text encoders, UNet): each applies while its
+components are locked on the device, so in offload mode a LoRA is never merged into the
+pristine RAM copy a component rests on between phases.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from studio.lora.base import LoraFile
-from studio.lora.cache import LoraCache
+from studio.lora.cache import LoraCache, LoraPin
 from studio.lora.keymap import ModelIndex
 from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings, PatchStats, UnpatchPath
 from studio.lora.reader import read_lora
+from studio.lora.sidecar import needs_sidecar
 from studio.lora.stack import StackItem
 from studio.report import PhaseTimer
 
 MB = 1024 * 1024
 COMPONENT_ATTRS = ("unet", "text_encoder", "text_encoder_2")
+PHASE_COMPONENTS = {"text_encode": ("text_encoder", "text_encoder_2"), "denoise": ("unet",)}
 
 
 def _stats_dict(stats: PatchStats) -> dict[str, Any]:
@@ -34,12 +41,63 @@ def _stats_dict(stats: PatchStats) -> dict[str, Any]:
     return data
 
 
+def _add(total: PatchStats, part: PatchStats) -> None:
+    for f in fields(PatchStats):
+        if f.name != "unpatch_path":
+            setattr(total, f.name, getattr(total, f.name) + getattr(part, f.name))
+    if part.unpatch_path is not UnpatchPath.NONE:
+        total.unpatch_path = part.unpatch_path
+
+
+@dataclass
+class AppliedStack:
+    """The pinned files of one generation; `apply(phase)` patches that phase's components."""
+
+    engine: LoraEngine
+    pinned: list[tuple[StackItem, LoraPin]]
+    timer: PhaseTimer
+    report: dict[str, Any]
+    total: PatchStats
+    reload: PatchStats
+    switch_seconds: float = 0.0
+
+    def apply(self, phase: str) -> None:
+        patcher = self.engine._patchers.get(phase)
+        if patcher is None:
+            return
+        stack = [(pin.lora, item.weight) for item, pin in self.pinned]
+        start = time.perf_counter()
+        with self.timer.phase("lora_patch"):
+            stats = patcher.apply(stack)
+        _add(self.total, stats)
+        if patcher.settings.unpatch_lora_by_vram_offload and stats.tensors_restored:
+            # Dropped weights reload from the pristine copy here rather than in the first forward's
+            # hook, so their cost is a phase of its own in the report.
+            with self.timer.phase("lora_unpatch_reload"):
+                _add(self.reload, patcher.materialize())
+        if stats.tensors_restored:
+            self.switch_seconds += time.perf_counter() - start  # restore and re-patch: one pass per tensor
+        self._summarise()
+
+    def _summarise(self) -> None:
+        self.report["patch"] = _stats_dict(self.total)
+        if self.reload.tensors_touched:
+            self.report["reload"] = _stats_dict(self.reload)
+        if self.total.tensors_restored:
+            method = (UnpatchPath.OFFLOAD if self.engine.settings.unpatch_lora_by_vram_offload
+                      else UnpatchPath.RESTORE).value
+            self.engine.unpatch_costs[method] = self.switch_seconds
+            self.report["unpatch"] = {"method": method, "tensors": self.total.tensors_restored,
+                                      "switch_seconds": round(self.switch_seconds, 5)}
+
+
 class LoraEngine:
     def __init__(self, cache_mb: int, settings: PatcherSettings) -> None:
         self.cache = LoraCache(cache_mb * MB, self._read)
         self.settings = settings
         self._index: ModelIndex | None = None
-        self._patcher: LoraPatcher | None = None
+        self._patchers: dict[str, LoraPatcher] = {}
+        self._unet_notes: list[str] = []
         # method -> seconds of the last stack change that took LoRA weights off (patch included)
         self.unpatch_costs: dict[str, float] = {}
 
@@ -48,40 +106,54 @@ class LoraEngine:
             raise RuntimeError("LoraEngine.bind() must run before LoRAs are read")
         return read_lora(path, self._index)
 
-    def bind(self, components: Mapping[str, nn.Module]) -> None:
-        """Attach to a freshly loaded pipeline (its weights are pristine)."""
+    def bind(self, components: Mapping[str, nn.Module], *,
+             pristine_source: Callable[[str, str], torch.Tensor | None] | None = None,
+             sidecar_predicate: Callable[[nn.Module], bool] = needs_sidecar,
+             unet_must_not_merge: str = "") -> None:
+        """Attach to a freshly loaded pipeline (its weights are pristine).
+
+        `unet_must_not_merge` (a reason, e.g. "streamed") turns merged mode into auto for the
+        UNet, so layers the memory engine streams or stores in fp8 get sidecars.
+        """
         self.unbind()
         self._index = ModelIndex.from_modules(components)
-        self._patcher = LoraPatcher(components, self.settings)
+        self._unet_notes = [unet_must_not_merge] if unet_must_not_merge else []
+        for phase, names in PHASE_COMPONENTS.items():
+            owned = {name: components[name] for name in names if name in components}
+            self._patchers[phase] = LoraPatcher(owned, self._settings_for(phase), pristine_source=pristine_source,
+                                                sidecar_predicate=sidecar_predicate, partial=True)
+
+    def _settings_for(self, phase: str) -> PatcherSettings:
+        if phase == "denoise" and self._unet_notes and self.settings.mode is LoraMode.MERGED:
+            return replace(self.settings, mode=LoraMode.AUTO)
+        return self.settings
 
     def unbind(self) -> None:
         """Restore every weight of the old pipeline and forget its parses."""
-        if self._patcher is not None:
-            self._patcher.close()
-        self._patcher = None
-        self._index = None
-        self.cache.clear()
+        try:
+            for patcher in self._patchers.values():
+                patcher.close()
+        finally:
+            self._patchers = {}
+            self._index = None
+            self.cache.clear()
 
     def configure(self, cache_mb: int, settings: PatcherSettings) -> None:
         self.cache.byte_budget = cache_mb * MB
         self.settings = settings
-        if self._patcher is not None:
-            self._patcher.configure(settings)
-
-    @property
-    def applied(self) -> list[tuple[LoraFile, float]]:
-        return list(self._patcher.applied) if self._patcher else []
+        for phase, patcher in self._patchers.items():
+            patcher.configure(self._settings_for(phase))
 
     @contextmanager
-    def applied_stack(self, items: Sequence[StackItem], timer: PhaseTimer) -> Iterator[dict[str, Any]]:
-        """Pin the files, bring the weights to the stack, yield the report's `lora` section.
+    def pinned(self, items: Sequence[StackItem], timer: PhaseTimer) -> Iterator[AppliedStack]:
+        """Pin the files for the whole block (the generation); phases then `apply` their part.
 
-        The pins hold for the whole block (the generation); the weights stay patched after
-        it, so the same stack next time costs nothing.
+        The weights stay patched after the block, so the same stack next time costs nothing.
         """
-        assert self._patcher is not None, "bind() first"
         report: dict[str, Any] = {"mode": self.settings.mode.value,
-                                  "unpatch_lora_by_vram_offload": self.settings.unpatch_lora_by_vram_offload}
+                                  "unpatch_lora_by_vram_offload": self.settings.unpatch_lora_by_vram_offload,
+                                  "notes": [f"UNet LoRAs run as sidecars where layers are {n}" for n in
+                                            self._unet_notes if self.settings.mode is LoraMode.MERGED]}
         with ExitStack() as pins:
             with timer.phase("lora_load"):
                 pinned = [(item, pins.enter_context(self.cache.pin(item.path))) for item in items]
@@ -90,29 +162,15 @@ class LoraEngine:
                  "format": pin.lora.format, "cache": "hit" if pin.hit else "miss", "layers": len(pin.lora.patches),
                  "unmatched_keys": len(pin.lora.unmatched_keys),
                  "unmatched_examples": pin.lora.unmatched_keys[:5]} for item, pin in pinned]
-            with timer.phase("lora_patch"):
-                stats = self._patcher.apply([(pin.lora, item.weight) for item, pin in pinned])
-            report["patch"] = _stats_dict(stats)
-            switch_seconds = stats.seconds  # restore and re-patch are one fused pass per tensor
-            if self.settings.unpatch_lora_by_vram_offload and stats.tensors_restored:
-                # Dropped weights reload from the pristine RAM copy; doing it here (rather than in
-                # the first forward's hook) puts its cost in its own phase of the report.
-                start = time.perf_counter()
-                with timer.phase("lora_unpatch_reload"):
-                    reload = self._patcher.materialize()
-                report["reload"] = _stats_dict(reload)
-                switch_seconds += time.perf_counter() - start
-            if stats.tensors_restored:
-                method = (UnpatchPath.OFFLOAD if self.settings.unpatch_lora_by_vram_offload
-                          else UnpatchPath.RESTORE).value
-                self.unpatch_costs[method] = switch_seconds
-                report["unpatch"] = {"method": method, "tensors": stats.tensors_restored,
-                                     "switch_seconds": round(switch_seconds, 5)}
-            else:
-                report["unpatch"] = {"method": UnpatchPath.NONE.value, "tensors": 0, "switch_seconds": 0.0}
-            report["cache"] = {"bytes": self.cache.bytes_used, "entries": len(self.cache),
-                               "budget_bytes": self.cache.byte_budget, **asdict(self.cache.stats)}
-            yield report
+            report["unpatch"] = {"method": UnpatchPath.NONE.value, "tensors": 0, "switch_seconds": 0.0}
+            applied = AppliedStack(self, pinned, timer, report, PatchStats(),
+                                   PatchStats(unpatch_path=UnpatchPath.OFFLOAD))
+            applied._summarise()
+            try:
+                yield applied
+            finally:
+                report["cache"] = {"bytes": self.cache.bytes_used, "entries": len(self.cache),
+                                   "budget_bytes": self.cache.byte_budget, **asdict(self.cache.stats)}
 
 
 def patcher_settings(mode: str, unpatch_by_offload: bool) -> PatcherSettings:

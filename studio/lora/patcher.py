@@ -45,6 +45,11 @@ from studio.lora.sidecar import (FP8_DTYPES, Entry, SidecarSet, check_sidecar_mo
 log = logging.getLogger(__name__)
 
 Stack = Sequence[tuple[LoraFile, float]]
+# CPU merges run in row blocks of about this many fp32 bytes, so the accumulator stays in L2: one
+# full-size fp32 temporary costs ~20 bytes of memory traffic per weight, blocks ~4 (read the bf16
+# base, write the result). Measured on 2 EPYC cores, SDXL ff.net.0.proj (10240x1280, rank 64):
+# 47 -> 12 ms; SDXL-scale 2-LoRA apply ~3x faster (bench/lora_switch.py).
+CPU_ROW_BLOCK_BYTES = 1 << 20
 SlotKey = tuple[str, str, str]  # (component, module path, "weight" | "bias")
 Signature = tuple[tuple[int, float], ...]
 
@@ -144,8 +149,11 @@ class LoraPatcher:
 
     def __init__(self, components: Mapping[str, nn.Module], settings: PatcherSettings = PatcherSettings(), *,
                  pristine_source: Callable[[str, str], torch.Tensor | None] | None = None,
-                 sidecar_predicate: Callable[[nn.Module], bool] = needs_sidecar):
+                 sidecar_predicate: Callable[[nn.Module], bool] = needs_sidecar, partial: bool = False):
         self.components = dict(components)
+        # partial: patches for other components belong to another patcher (one per memory phase,
+        # so each applies while its component is locked on the device) and are skipped here.
+        self._partial = partial
         self.settings = settings
         self._pristine_source = pristine_source
         self._sidecar_predicate = sidecar_predicate
@@ -243,6 +251,8 @@ class LoraPatcher:
                 continue  # the same as absent: nothing to compute, nothing to keep
             checked = self._checked.get(id(lora)) is lora
             for patch in lora.patches:
+                if self._partial and patch.component not in self.components:
+                    continue
                 module = self._module(lora, patch.component, patch.module)
                 if not checked:
                     _check_patch(lora, patch, module)
@@ -396,12 +406,15 @@ class LoraPatcher:
             stats.bytes_written += _nbytes(param)
             slot.dropped = False
         else:
-            value, had_dense = self._value(slot, entries, param.device, stats)
-            if offload or slot.dropped or _shares_memory(param, slot.pristine):
-                # Out of place: the old live tensor is dropped, never made "clean" again.
-                param.data = value.to(param.dtype).reshape(param.shape)
-            else:
-                param.copy_(value.reshape(param.shape))  # the one rounding to the weight dtype
+            out_of_place = offload or slot.dropped or _shares_memory(param, slot.pristine)
+            had_dense = False
+            if not self._merge_rows_cpu(slot, entries, out_of_place):
+                value, had_dense = self._value(slot, entries, param.device, stats)
+                if out_of_place:
+                    # Out of place: the old live tensor is dropped, never made "clean" again.
+                    param.data = value.to(param.dtype).reshape(param.shape)
+                else:
+                    param.copy_(value.reshape(param.shape))  # the one rounding to the weight dtype
             slot.dropped = False
             stats.bytes_written += _nbytes(param)
             if param.dtype == torch.float16 or had_dense:
@@ -413,6 +426,41 @@ class LoraPatcher:
         slot.entries = list(entries)
         slot.stamp = _stamp(slot.param)
         return flag
+
+    def _merge_rows_cpu(self, slot: _Slot, entries: list[Entry], out_of_place: bool) -> bool:
+        """`_value` + the write for big low-rank-only CPU weights, in L2-sized row blocks; False: not applicable.
+
+        Same math as `_value` (fp32 addmm of the concatenated factors onto the base, one rounding),
+        block by block straight into the destination, so no full-size fp32 temporary exists.
+        """
+        param = slot.param
+        if param.device.type != "cpu" or slot.attr != "weight" or not param.is_contiguous():
+            return False
+        p = slot.pristine
+        rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
+        # Whole multiples of 64 rows: BLAS then runs the same micro-kernels on every row as one
+        # big addmm would (blocks of 1, 2 or 7 rows take other kernels and differ in the last bit).
+        step = max(1, CPU_ROW_BLOCK_BYTES // (4 * max(cols, 1)) // 64) * 64
+        if rows <= step:
+            return False  # one block: the plain path is the same work
+        factors = [None if patch.depends_on_base else patch.factors() for _lora, _w, patch in entries]
+        if any(f is None for f in factors):
+            return False
+        up = torch.cat([f[0] * w for (_lora, w, _p), f in zip(entries, factors)], 1)
+        down = torch.cat([f[1] for f in factors], 0)
+        clean_live = not slot.entries and not slot.dropped and slot.stamp == _stamp(param)
+        base = (param.detach() if clean_live else p).reshape(rows, cols)  # block rows are read before written
+        dest = torch.empty(param.shape, dtype=param.dtype) if out_of_place else param.detach()
+        out = dest.view(rows, cols)
+        scratch = torch.empty((step, cols), dtype=torch.float32)
+        for r0 in range(0, rows, step):
+            acc = scratch[: min(step, rows - r0)]
+            acc.copy_(base[r0:r0 + acc.shape[0]])
+            acc.addmm_(up[r0:r0 + acc.shape[0]], down)
+            out[r0:r0 + acc.shape[0]].copy_(acc)  # the one rounding to the weight dtype
+        if out_of_place:
+            param.data = dest  # the old live tensor is dropped, never made "clean" again
+        return True
 
     def _reload(self, component: str) -> None:
         """Lazy half of the offload path: clean weights from pristine, right before they are used."""

@@ -72,8 +72,12 @@ def resolve_source(spec: str | os.PathLike | None) -> ModelSource:
                          "or leave it empty for the built-in demo model)")
 
 
-def load_pipeline(source: ModelSource, dtype: torch.dtype):
-    """Load an SDXL pipeline on the CPU in `dtype`; the caller moves it to its device."""
+def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None):
+    """Load an SDXL pipeline on the CPU in `dtype`; the memory placement moves weights to `device`.
+
+    `device` becomes the pipeline's execution device: with offload or streaming, components
+    rest in RAM between phases, and diffusers would otherwise create latents on the CPU.
+    """
     import diffusers
     import transformers
     from diffusers import StableDiffusionXLPipeline
@@ -99,4 +103,20 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype):
     if not isinstance(pipe, StableDiffusionXLPipeline):
         raise ModelLoadError(f"{source.name}: is a {type(pipe).__name__}, not an SDXL base pipeline")
     pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.__class__ = _with_execution_device(type(pipe))
+        pipe._studio_device = torch.device(device)
     return pipe
+
+
+_EXECUTION_CLASSES: dict[type, type] = {}
+
+
+def _with_execution_device(cls: type) -> type:
+    """A subclass whose `_execution_device` is the session's device, not guessed from where weights rest."""
+    if cls not in _EXECUTION_CLASSES:
+        _EXECUTION_CLASSES[cls] = type(f"Studio{cls.__name__}", (cls,), {
+            "_execution_device": property(lambda self: self._studio_device),
+            "__module__": __name__,
+        })
+    return _EXECUTION_CLASSES[cls]

@@ -17,12 +17,14 @@ only tiles above `sample_size` (1024 px for SDXL), i.e. never at 1024x1024 unles
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from studio.models.budget import TILED_FACTOR, VAE_DECODE_BYTES_PER_PIXEL_ELEMENT
+from studio.models.budget import (TILED_FACTOR, VAE_DECODE_BYTES_PER_PIXEL_ELEMENT, device_free_bytes,
+                                  vae_decode_bytes, working_reserve)
 
 log = logging.getLogger(__name__)
 SCALE = 8  # SDXL VAE: one latent pixel is 8x8 image pixels
@@ -114,3 +116,18 @@ def _weights(spans: list[tuple[int, int]], i: int, plan: TilePlan, scale: int,
     if i + 1 < len(spans):
         w *= ((n - d - margin) / fade).clamp(0, 1)
     return w
+
+
+@contextmanager
+def plan_decode(cache, device: torch.device, width: int, height: int, vae, working_memory_mb: int,
+                baseline: int) -> Iterator[TilePlan | None]:
+    """Reserve the decode's working memory for the block; yields a tile plan when it cannot fit.
+
+    The estimate is by image size (budget.vae_decode_bytes) unless `working_memory_mb` is set;
+    an fp16 VAE with force_upcast decodes in fp32, so it is sized for fp32.
+    """
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    need = working_memory_mb * (1 << 20) if working_memory_mb else vae_decode_bytes(width, height, dtype)
+    with working_reserve(cache, device, need, baseline=baseline) as fits:
+        yield None if fits else plan_tiles(width, height, dtype, device_free_bytes(device))
