@@ -1,0 +1,209 @@
+"""Baking a LoRA stack: the written model holds exactly the patched weights, the live one is untouched.
+
+The tiny SDXL (float32, from its diffusers folder) with two demo LoRAs. "Patched weights" are
+what LoraPatcher gives for the stack on a private copy of the components, so the folder must
+equal generation-time weights bit for bit, and differ from pristine where the LoRAs touch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from studio.bake import BAKE_INFO, bake
+from studio.errors import InputError, LoraError, StudioError
+from studio.lora.base import LoraFile
+from studio.lora.keymap import ModelIndex
+from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings
+from studio.lora.reader import read_lora
+from studio.paths import DEMO_LORA_DIR, TINY_MODEL_DIR
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+ALL = (*COMPONENTS, "vae")
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(TINY_MODEL_DIR, torch_dtype=torch.float32, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def stack(pipe: Any) -> list[tuple[LoraFile, float]]:
+    index = ModelIndex.from_modules({c: getattr(pipe, c) for c in COMPONENTS})
+    return [(read_lora(DEMO_LORA_DIR / "demo-kohya-warm.safetensors", index), 0.8),
+            (read_lora(DEMO_LORA_DIR / "demo-peft-cool.safetensors", index), -0.5)]
+
+
+def _state(pipe: Any, components: tuple[str, ...] = ALL) -> dict[str, dict[str, torch.Tensor]]:
+    return {c: {k: v.detach().clone() for k, v in getattr(pipe, c).state_dict().items()} for c in components}
+
+
+def _patched(pipe: Any, stack: list[tuple[LoraFile, float]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights generation uses for `stack`: the patcher on deep copies (the live pipe is not touched)."""
+    comps = {c: copy.deepcopy(getattr(pipe, c)) for c in COMPONENTS}
+    with LoraPatcher(comps) as patcher:
+        patcher.apply(stack)
+        return {c: {k: v.detach().clone() for k, v in m.state_dict().items()} for c, m in comps.items()}
+
+
+def _assert_same(got: dict[str, dict[str, torch.Tensor]], want: dict[str, dict[str, torch.Tensor]]) -> None:
+    for comp, tensors in want.items():
+        assert set(got[comp]) == set(tensors), f"{comp}: different keys"
+        bad = [k for k, v in tensors.items() if not torch.equal(got[comp][k], v)]
+        assert bad == [], f"{comp}: {len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+def _no_partials(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.endswith(".partial")]
+
+
+def test_baked_folder_holds_the_patched_weights_and_the_live_pipe_is_unchanged(pipe, stack, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    before = _state(pipe)
+    expected = _patched(pipe, stack)
+    result = bake(pipe, stack, tmp_path / "baked")
+
+    _assert_same(_state(pipe), before)  # bit-identical live model, VAE included
+    assert result.out_dir == tmp_path / "baked" and result.single_file is None
+    assert [(s["name"], s["weight"]) for s in result.stack] == [("demo-kohya-warm", 0.8), ("demo-peft-cool", -0.5)]
+    assert _no_partials(tmp_path) == []
+    loaded = StableDiffusionXLPipeline.from_pretrained(result.out_dir, torch_dtype=torch.float32,
+                                                      local_files_only=True)
+    got = _state(loaded, COMPONENTS)
+    _assert_same(got, expected)
+    assert not any("lora" in k for c in got for k in got[c])  # plain weights, no adapter wrappers
+    touched = {(p.component, f"{p.module}.weight") for lora, _ in stack for p in lora.patches}
+    assert len(touched) == result.modules_patched > 100
+    changed = {(c, k) for c in COMPONENTS for k, v in got[c].items() if not torch.equal(v, before[c][k])}
+    assert changed == touched  # differs from pristine exactly where the LoRAs touch
+    assert loaded.tokenizer is not None and loaded.tokenizer_2 is not None and loaded.scheduler is not None
+    info = json.loads((result.out_dir / BAKE_INFO).read_text())
+    assert [s["short_hash"] for s in info["stack"]] == [lora.short_hash for lora, _ in stack]
+
+
+def test_single_file_export_loads_back_with_equal_weights(pipe, stack, tmp_path):
+    from studio.models.single_file import load_single_file
+
+    before = _state(pipe)
+    expected = _patched(pipe, stack)
+    result = bake(pipe, stack, tmp_path / "baked", single_file=tmp_path / "baked.safetensors")
+    _assert_same(_state(pipe), before)
+    assert result.single_file == tmp_path / "baked.safetensors"
+    assert not (tmp_path / "baked.safetensors.partial").exists()
+    _assert_same(_state(load_single_file(result.single_file, torch.float32), COMPONENTS), expected)
+
+
+def test_single_file_inside_the_folder_is_written_with_it(pipe, stack, tmp_path):
+    from studio.models.single_file import load_single_file
+
+    result = bake(pipe, stack[:1], tmp_path / "out", single_file=tmp_path / "out" / "ckpt" / "m.safetensors")
+    assert (tmp_path / "out" / "model_index.json").is_file()
+    loaded = load_single_file(tmp_path / "out" / "ckpt" / "m.safetensors", torch.float32)
+    _assert_same(_state(loaded, COMPONENTS), _patched(pipe, stack[:1]))
+    assert result.bytes_written > 0
+
+
+def test_a_non_empty_folder_is_refused_and_nothing_changes(pipe, stack, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "model_index.json").write_text("{}")
+    before = _state(pipe)
+    with pytest.raises(StudioError, match="is not empty; baking never overwrites"):
+        bake(pipe, stack, out)
+    assert [p.name for p in out.iterdir()] == ["model_index.json"]
+    assert (out / "model_index.json").read_text() == "{}"
+    _assert_same(_state(pipe), before)
+    assert _no_partials(tmp_path) == []
+
+
+def test_an_empty_existing_folder_is_used(pipe, stack, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert (bake(pipe, stack[:1], tmp_path / "empty").out_dir / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("name, match", [("exists.safetensors", "already exists"), ("model.ckpt", "must end in")])
+def test_bad_single_file_targets_are_refused_before_any_work(pipe, stack, tmp_path, name, match):
+    (tmp_path / "exists.safetensors").write_bytes(b"x")
+    with pytest.raises(InputError, match=match):
+        bake(pipe, stack, tmp_path / "out", single_file=tmp_path / name)
+    assert not (tmp_path / "out").exists() and _no_partials(tmp_path) == []
+
+
+def test_a_failed_write_leaves_nothing_and_restores_the_model(pipe, stack, tmp_path, monkeypatch):
+    before = _state(pipe)
+    seen: dict[str, bool] = {}
+
+    def broken_save(*args: Any, **kwargs: Any) -> None:
+        seen["patched"] = not torch.equal(pipe.unet.down_blocks[1].attentions[0].proj_in.weight,
+                                          before["unet"]["down_blocks.1.attentions.0.proj_in.weight"])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipe, "save_pretrained", broken_save)
+    with pytest.raises(StudioError, match="No space left on device; nothing was written|No space left"):
+        bake(pipe, stack, tmp_path / "out", single_file=tmp_path / "out.safetensors")
+    assert seen["patched"]  # the failure came while the stack was merged
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
+    assert _no_partials(tmp_path) == []
+    _assert_same(_state(pipe), before)
+
+
+def test_a_session_patcher_gets_its_own_stack_and_settings_back(pipe, stack, tmp_path):
+    """With the session's patcher: the bake starts from pristine, and the session's stack returns after."""
+    from diffusers import StableDiffusionXLPipeline
+
+    comps = {c: getattr(pipe, c) for c in COMPONENTS}
+    pristine = _state(pipe)
+    expected = _patched(pipe, stack[:1])
+    settings = PatcherSettings(mode=LoraMode.MERGED, unpatch_lora_by_vram_offload=True)
+    with LoraPatcher(comps, settings) as session:
+        session.apply(stack[1:])  # the session currently generates with the peft LoRA only
+        during = _state(pipe, COMPONENTS)
+        bake(pipe, stack[:1], tmp_path / "baked", patcher=session)
+        assert session.settings == settings and [w for _, w in session.applied] == [-0.5]
+        _assert_same(_state(pipe, COMPONENTS), during)
+        loaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "baked", torch_dtype=torch.float32,
+                                                          local_files_only=True)
+        _assert_same(_state(loaded, COMPONENTS), expected)  # not stacked on the session's LoRA
+    _assert_same(_state(pipe), pristine)
+
+
+def test_peft_adapters_in_the_pipeline_are_refused(pipe, stack, tmp_path):
+    from torch import nn
+
+    class Wrapped(nn.Module):
+        def __init__(self, base: nn.Module):
+            super().__init__()
+            self.base_layer = base
+
+    block = pipe.text_encoder.get_submodule("encoder.layers.0.self_attn")  # transformers 5 paths
+    original = block.q_proj
+    block.q_proj = Wrapped(original)  # what peft's inject_adapter leaves in place
+    try:
+        with pytest.raises(InputError, match="peft LoRA adapters"):
+            bake(pipe, stack, tmp_path / "out")
+    finally:
+        block.q_proj = original
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_that_does_not_fit_is_refused_and_nothing_is_written(pipe, stack, tmp_path):
+    from studio.lora.base import LowRankPatch
+
+    bad = LoraFile(path=Path("/x/bad.safetensors"), name="bad", format="kohya", base_model="sdxl", short_hash="0" * 12,
+                   patches=[LowRankPatch("unet", "down_blocks.1.attentions.0.proj_in", torch.ones(3, 1),
+                                         torch.ones(1, 3), 1.0, (3, 3))])
+    before = _state(pipe)
+    with pytest.raises(LoraError, match="bad"):
+        bake(pipe, [stack[0], (bad, 1.0)], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _no_partials(tmp_path) == []
+    _assert_same(_state(pipe), before)
