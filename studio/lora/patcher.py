@@ -165,6 +165,7 @@ class LoraPatcher:
         self._lock = threading.RLock()
         self._closed = False
         self.applied: list[tuple[LoraFile, float]] = []
+        self._applied_mode: LoraMode | None = None  # settings.mode of the last successful apply
         self.last_reload = PatchStats(unpatch_path=UnpatchPath.OFFLOAD)  # lazy reloads since the last apply
 
     # -- public API ------------------------------------------------------------------------
@@ -181,12 +182,18 @@ class LoraPatcher:
             stats = PatchStats()
             try:
                 stack = [(lora, float(w)) for lora, w in stack]
-                merged, sidecar = self._plan(stack)
+                unchanged = self._unchanged(stack)
+                if not unchanged:
+                    merged, sidecar = self._plan(stack)
             except BaseException as err:
                 _reraise(err)
             self.last_reload = PatchStats(unpatch_path=UnpatchPath.OFFLOAD)
-            self._transition(merged, sidecar, stats)
-            self.applied = [(lora, w) for lora, w in stack if w != 0.0]
+            if unchanged:
+                stats.tensors_skipped = len(self._slots)
+            else:
+                self._transition(merged, sidecar, stats)
+                self.applied = [(lora, w) for lora, w in stack if w != 0.0]
+                self._applied_mode = LoraMode(self.settings.mode)
             stats.sidecars_active = len(self._sidecars)
             stats.seconds = time.perf_counter() - t0
             log.debug("LoRA apply: %s", stats)
@@ -235,6 +242,20 @@ class LoraPatcher:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    def _unchanged(self, stack: list[tuple[LoraFile, float]]) -> bool:
+        """The same non-empty stack again in merged mode, and nobody wrote a weight since: nothing to do.
+
+        The common "generate again" case; skips `_plan` (per-layer lookups for every LoRA), so only
+        one stamp per tensor is read. Measured, 2 LoRAs x 986 SDXL layers: 5.9 -> ~1.5 ms. Not in
+        auto/sidecar mode, where the memory engine may have re-marked layers since.
+        """
+        if self.settings.mode != LoraMode.MERGED or self._applied_mode != LoraMode.MERGED or len(self._sidecars):
+            return False
+        live = [(lora, w) for lora, w in stack if w != 0.0]
+        if not live or len(live) != len(self.applied) or any(a is not b or v != u for (a, v), (b, u) in zip(live, self.applied)):
+            return False
+        return all(slot.stamp == _stamp(slot.param) for slot in self._slots.values())
 
     # -- planning: checks everything, writes nothing -------------------------------------------
     def _plan(self, stack: list[tuple[LoraFile, float]]) -> tuple[dict[SlotKey, list[Entry]],
