@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(keys: prompt, negative, seed, steps, cfg, width, height, sampler, "
                                                "loras: [[name, weight], ...]; <lora:name:weight> tags work too)")
     gen.add_argument("--out-dir", type=Path, help="with --jobs: write NNNN.png and NNNN.json here")
+    bake = sub.add_parser("bake", help="write the model with a LoRA stack merged in, as a diffusers folder",
+                          description="Merge LoRAs into the model's weights (exactly as generation applies them) "
+                                      "and write a diffusers folder that loads back as a model.")
+    add_common_options(bake, suppress=True)
+    add_lora_options(bake)
+    bake.add_argument("--out", type=Path, required=True, help="the diffusers folder to write (must not exist, or empty)")
+    bake.add_argument("--single-file", type=Path, help="also write one SDXL .safetensors checkpoint (original layout)")
     return parser
 
 
@@ -157,6 +164,17 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bake(args: argparse.Namespace) -> int:
+    session = _session(args)
+    result = session.bake(list(args.lora), args.out, args.single_file)
+    loras = ", ".join(f"{row['name']}:{row['weight']:g}" for row in result.stack)
+    print(f"baked {loras} into {result.out_dir} ({result.modules_patched} layers, "
+          f"{result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f}s")
+    if result.single_file:
+        print(f"single file: {result.single_file}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a headless command; map engine errors to one line and an exit code."""
     from studio.errors import Cancelled, InputError
@@ -164,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "bake":
+            return run_bake(args)
         raise StudioError(f"unknown command {args.command!r}")
     except StudioError as err:
         if args.debug:

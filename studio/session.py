@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from studio import __version__
-from studio.errors import Cancelled
+from studio.errors import Cancelled, SettingsError
 from studio.lora.engine import COMPONENT_ATTRS, LoraEngine, patcher_settings
 from studio.lora.stack import StackItem, resolve_stack, search_dirs
 from studio.lora.sidecar import needs_sidecar
@@ -359,6 +359,26 @@ class Session:
 
     def _placement_budget_working(self) -> int:
         return self._budgets().working if self.runtime.device.type == "cuda" else 0
+
+    def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None):
+        """Write the model with a LoRA stack merged in (diffusers folder, optionally one file too).
+
+        Runs between generations with every component on the device; the session's own LoRAs
+        are taken off first, and the live weights are bit-identical to pristine afterwards.
+        """
+        from studio.bake import bake
+
+        _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs))
+        if not stack:
+            raise SettingsError("bake needs at least one --lora NAME_OR_PATH:WEIGHT")
+        with self._lock:
+            self._ensure_model()
+            placement = self._placement
+            with self.loras.pinned(stack, PhaseTimer()) as applied, placement.phase("text_encode"), \
+                    placement.phase("denoise"), placement.phase("decode"), torch.inference_mode():
+                self.loras.clear()
+                return bake(self._pipe, [(pin.lora, item.weight) for item, pin in applied.pinned], out_dir,
+                            single_file)
 
     def _next_output_path(self, seed: int) -> Path:
         root = Path(self.settings.outputs_dir).expanduser() if self.settings.outputs_dir else self.dirs.default_outputs

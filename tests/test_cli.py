@@ -95,3 +95,25 @@ def test_help_documents_every_command():
     for flag in ("--prompt", "--negative", "--seed", "--steps", "--cfg", "--width", "--height", "--model", "--out",
                  "--report", "--jobs", "--out-dir"):
         assert flag in run.stdout
+
+
+def test_bake_writes_a_model_that_generates_what_the_stack_generates(tmp_path):
+    home = tmp_path / "home"
+    baked = tmp_path / "baked"
+    run = _launch("bake", "--lora", "demo-kohya-warm:0.8", "--lora", "demo-peft-cool:0.5", "--out", str(baked),
+                  "--single-file", str(tmp_path / "baked.safetensors"), home=home)
+    assert run.returncode == 0, run.stderr
+    assert (baked / "model_index.json").exists() and (tmp_path / "baked.safetensors").exists()
+    common = ["--prompt", "a cat", "--seed", "9", "--steps", "2", "--width", "64", "--height", "64"]
+    with_loras = _launch("generate", *common, "--lora", "demo-kohya-warm:0.8", "--lora", "demo-peft-cool:0.5",
+                         "--out", str(tmp_path / "stack.png"), home=home)
+    from_folder = _launch("generate", *common, "--model", str(baked), "--out", str(tmp_path / "folder.png"),
+                          home=home)
+    from_file = _launch("generate", *common, "--model", str(tmp_path / "baked.safetensors"),
+                        "--out", str(tmp_path / "file.png"), home=home)
+    for done in (with_loras, from_folder, from_file):
+        assert done.returncode == 0, done.stderr
+    stack, folder, single = (np.asarray(Image.open(tmp_path / n)) for n in ("stack.png", "folder.png", "file.png"))
+    assert np.array_equal(stack, folder) and np.array_equal(stack, single)
+    again = _launch("bake", "--lora", "demo-kohya-warm", "--out", str(baked), home=home)
+    assert again.returncode == 2 and "never overwrites" in again.stderr

@@ -138,6 +138,12 @@ class LoraEngine:
             self._index = None
             self.cache.clear()
 
+    def clear(self) -> None:
+        """Take every LoRA off (weights back to pristine, reloaded if they were dropped)."""
+        for patcher in self._patchers.values():
+            patcher.clear()
+            patcher.materialize()
+
     def configure(self, cache_mb: int, settings: PatcherSettings) -> None:
         self.cache.byte_budget = cache_mb * MB
         self.settings = settings
