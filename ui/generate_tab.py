@@ -1,9 +1,11 @@
 """The Generate tab: prompt, seed, steps, CFG, size, sampler, batch; gallery, progress, Stop.
 
-Handlers build a named `GenerateForm` from named parameters and call the session; the
-stack of LoRA rows comes later from `ui/lora_panel.py`, which will add its rows to
-`GenerateForm.loras` (until then `<lora:name:weight>` tags typed in the prompt are
-the stack: the session reads them). Every generation event shares the concurrency id "gpu"; the session's lock
+Handlers build a named `GenerateForm` from named parameters and call the session. The LoRA
+stack is the panel's rows (ui/lora_panel.py); the prompt's `<lora:name:weight>` tags mirror
+them. Generate folds the prompt's tags into the rows once more (a tag typed just before the
+click counts), then sends the text without tags and `loras=` from the enabled rows, so
+nothing is applied twice (ui/lora_sync.py). API callers have no rows: their tags are the
+stack. Every generation event shares the concurrency id "gpu"; the session's lock
 is what really keeps two jobs apart (a cancelled Gradio handler keeps running).
 """
 
@@ -21,6 +23,8 @@ from studio.request import MAX_SEED, SAMPLERS, GenerationRequest
 from studio.session import Session, StepEvent
 from ui.access import ServerInfo, is_local, owner_of
 from ui.errors import engine_call
+from ui.lora_panel import LoraPanel, build_lora_panel
+from ui.lora_sync import Row, rows_from_prompt, stack_of, strip_tags
 from ui.report_view import summary_line
 from ui.sizes import CUSTOM, preset_for, size_presets
 
@@ -42,7 +46,13 @@ class GenerateForm:
     height: int = 0
     sampler: str = "Euler"
     batch_count: int = 1
-    loras: tuple[tuple[str, float], ...] = ()  # the LoRA panel's rows (later); prompt tags are read by the session
+    loras: tuple[tuple[str, float], ...] = ()  # the enabled LoRA rows; `prompt` then carries no tags
+
+    @classmethod
+    def from_ui(cls, prompt: str, rows: list[Row] | None, **fields: Any) -> GenerateForm:
+        """The prompt box and the stack rows as one form: text without tags, loras from the rows."""
+        stack = stack_of(rows_from_prompt(prompt or "", rows or []))
+        return cls(prompt=strip_tags(prompt or ""), loras=stack, **fields)
 
     def requests(self) -> list[GenerationRequest]:
         """One validated request per image: seeds base, base+1, ... (a random base for -1)."""
@@ -75,6 +85,7 @@ class GenerateTab:
     last_seed: gr.State  # seed of the last run, or of the image picked in the gallery
     last_reports: gr.State  # this tab's last run: list of Reports, one per image
     ticket: gr.State  # JobBook ticket of the job this tab queued
+    loras: LoraPanel
 
 
 def build_generate_tab(session: Session) -> GenerateTab:
@@ -84,7 +95,7 @@ def build_generate_tab(session: Session) -> GenerateTab:
     with gr.Row():
         with gr.Column(scale=3):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="a cat in a hat",
-                                info="`<lora:name:weight>` tags in the prompt select LoRAs")
+                                info="`<lora:name:weight>` tags follow the LoRA stack below, and the other way round")
             negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
             with gr.Row(equal_height=True):
                 seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED,
@@ -107,7 +118,7 @@ def build_generate_tab(session: Session) -> GenerateTab:
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 halt = gr.Button("Stop", variant="stop", elem_id="stop")
             stop_note = gr.Markdown(elem_id="stop-note")
-            # The LoRA panel (browser, stack rows, trigger words) goes here: ui/lora_panel.py, later.
+            loras = build_lora_panel(session, prompt)
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Images", columns=2, height=440, type="filepath", format="png",
                                  elem_id="gallery")
@@ -115,7 +126,7 @@ def build_generate_tab(session: Session) -> GenerateTab:
             summary = gr.Markdown("Each generation's report appears here and, in full, in the **Report** tab.",
                                   elem_id="summary")
     tab = GenerateTab(prompt, negative, seed, steps, cfg, preset, width, height, sampler, batch_count, run, halt,
-                      stop_note, gallery, seeds_note, summary, gr.State(None), gr.State([]), gr.State(None))
+                      stop_note, gallery, seeds_note, summary, gr.State(None), gr.State([]), gr.State(None), loras)
     _wire_local_controls(tab, dice, recycle, presets)
     return tab
 
@@ -151,14 +162,15 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
 
     def generate(prompt: str, negative: str, seed: float | None, steps: float, cfg: float, width: float,
                  height: float, sampler: str, batch_count: float, ticket: str | None = None,
-                 request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
-        form = GenerateForm(prompt=prompt or "", negative=negative or "", seed=-1 if seed is None else int(seed),
-                            steps=int(steps), cfg=float(cfg), width=int(width), height=int(height), sampler=sampler,
-                            batch_count=int(batch_count))
+                 rows: list[Row] | None = None, request: gr.Request = None,
+                 progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
+        form = GenerateForm.from_ui(prompt, rows, negative=negative or "", seed=-1 if seed is None else int(seed),
+                                    steps=int(steps), cfg=float(cfg), width=int(width), height=int(height),
+                                    sampler=sampler, batch_count=int(batch_count))
         yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json)
 
     inputs = [tab.prompt, tab.negative, tab.seed, tab.steps, tab.cfg, tab.width, tab.height, tab.sampler,
-              tab.batch_count, tab.ticket]
+              tab.batch_count, tab.ticket, tab.loras.rows]
     outputs = [tab.gallery, tab.seeds_note, tab.summary, report_json, tab.last_seed, tab.last_reports]
 
     def reserve(request: gr.Request):

@@ -3,8 +3,8 @@
 Reads A1111-style `parameters` text (this app's, A1111's, Forge's). The image input is
 `type="filepath"` with `image_mode=None`, so Gradio hands over the uploaded file itself
 and the text chunk is still in it (a re-encoded copy would have lost it).
-`<lora:name:weight>` tags stay in the prompt text: they are the LoRA stack until the
-stack rows of ui/lora_panel.py exist.
+Send to Generate keeps `<lora:name:weight>` tags in the prompt and turns them into the
+LoRA panel's stack rows (replacing the stack there), so the image's LoRAs come back too.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from studio.metadata import Infotext, read_png_infotext
 from studio.request import MAX_SEED, SAMPLERS
 from ui.errors import engine_call
 from ui.generate_tab import GenerateTab
+from ui.lora_sync import prompt_from_rows, rows_from_prompt
 from ui.sizes import preset_for
 
 SLIDER_MAX_SIDE = 2048
@@ -71,7 +72,9 @@ def wire_png_info(tab: PngInfoTab, gen: GenerateTab, tabs: gr.Tabs, generate_tab
         if info is None:
             return {tab.note: "Drop an image first."}
         values, skipped = restorable(info)
-        out: dict = {tabs: gr.Tabs(selected=generate_tab_id), gen.prompt: info.prompt, gen.negative: info.negative}
+        rows = rows_from_prompt(info.prompt, [])  # the image's stack replaces the current one
+        out: dict = {tabs: gr.Tabs(selected=generate_tab_id), gen.prompt: prompt_from_rows(info.prompt, rows),
+                     gen.negative: info.negative, gen.loras.rows: rows}
         for name, value in values.items():
             out[getattr(gen, name)] = value
         if "width" in values:
@@ -81,8 +84,10 @@ def wire_png_info(tab: PngInfoTab, gen: GenerateTab, tabs: gr.Tabs, generate_tab
         return out
 
     outputs = [tabs, gen.prompt, gen.negative, gen.seed, gen.steps, gen.cfg, gen.sampler, gen.width, gen.height,
-               gen.preset, tab.note]
-    tab.send.click(send_to_generate, tab.image, outputs, api_visibility="private", queue=False)
+               gen.preset, gen.loras.rows, tab.note]
+    # queued: gradio re-renders the LoRA rows (a State change) only after a queued event
+    tab.send.click(send_to_generate, tab.image, outputs, api_visibility="private", concurrency_limit=None,
+                   show_progress="hidden")
 
 
 def restorable(info: Infotext) -> tuple[dict[str, object], list[str]]:

@@ -1,0 +1,210 @@
+"""The LoRA panel of the Generate tab: a browser over the LoRA folders and the stack of rows.
+
+- Browser: a gr.Gallery of thumbnails (captions carry the base-model badge, and a ⚠ with
+  the reason for a file that cannot be used), a search box and Refresh. Clicking a usable
+  LoRA adds a row at weight 1; clicking an unusable one only says why.
+- Stack: @gr.render over a gr.State list of {"name", "weight", "enabled"}; each row has an
+  enable box, a weight slider (-2..2), up/down/remove, and the file's trigger words as chips
+  (a click adds that one word to the prompt, never all of them).
+- The rows are the truth; the prompt's `<lora:...>` tags mirror them (ui/lora_sync.py says how).
+Every event here is browser-only (out of the API); those that write the rows are queued (see ROWS).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from studio.lora.stack import search_dirs
+from studio.session import Session
+from ui.lora_catalog import CatalogEntry, LoraCatalog
+from ui.lora_sync import (Row, add_row, add_word, clean_rows, edit_row, move_row, prompt_from_rows, remove_row,
+                          rows_from_prompt)
+
+COLUMNS = 4
+MAX_CHIPS = 12  # ss_tag_frequency can hold hundreds of tags; the most frequent come first
+WEIGHT_RANGE = 2.0
+QUICK: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
+# Events that write the rows go through the queue: gradio 6.31 reports a State's change (which
+# re-renders the stack) only on queued events; a queue=False reply leaves `changed_state_ids` out.
+ROWS: dict[str, Any] = {"queue": True, "concurrency_limit": None, "api_visibility": "private",
+                        "show_progress": "hidden"}
+
+
+@dataclass
+class LoraPanel:
+    catalog: LoraCatalog
+    search: gr.Textbox
+    refresh: gr.Button
+    browser: gr.Gallery
+    note: gr.Markdown
+    rows: gr.State  # list[Row]: the stack, the single source of truth
+    shown: gr.State  # names in the browser, in gallery order (a click gives an index)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "lora"
+
+
+def lookup(catalog: LoraCatalog, name: str) -> CatalogEntry | None:
+    """The entry for a row's name: exact, else ignoring case (as the engine resolves names)."""
+    entry = catalog.get(name)
+    if entry is None:
+        folded = {e.name.lower(): e for e in catalog.entries()}
+        entry = folded.get(name.lower())
+    return entry
+
+
+def browser_view(catalog: LoraCatalog, query: str) -> tuple[list[tuple[str, str]], list[str], str]:
+    """Gallery items (thumbnail, caption), their names, and the note under the gallery."""
+    entries = catalog.entries(query or "")
+    items = [(str(e.thumbnail or catalog.placeholder(e.name)), e.caption()) for e in entries]
+    everything = catalog.entries()
+    usable = sum(e.compatible for e in everything)
+    if not everything:
+        head = "No LoRA files found. Add folders under **Preferences → LoRA folders**, then ⟳ Refresh."
+    elif query and query.strip():
+        head = f"{len(entries)} of {len(everything)} LoRAs match “{query.strip()}”."
+    else:
+        head = f"{len(everything)} LoRAs ({usable} usable with SDXL). Click one to add it to the stack."
+    bad = [e for e in entries if not e.compatible]
+    lines = [head] + [f"- ⚠ **{e.name}** can't be used: {e.reason}" for e in bad]
+    return items, [e.name for e in entries], "\n".join(lines)
+
+
+def gallery_height(count: int) -> int:
+    """Room for up to two rows of tiles (more scroll); Gradio's own default leaves a tall empty box."""
+    return 40 + 175 * min(2, max(1, -(-count // COLUMNS)))
+
+
+def add_from_browser(catalog: LoraCatalog, rows: list[Row], prompt: str, name: str) -> tuple[list[Row], str, str]:
+    """(rows, prompt, note) after a click on `name` in the browser; an unusable file changes nothing."""
+    entry = lookup(catalog, name)
+    if entry is None:
+        return clean_rows(rows), prompt, f"⚠ **{name}** is no longer in the LoRA folders (⟳ Refresh)."
+    if not entry.compatible:
+        return clean_rows(rows), prompt, f"⚠ **{entry.name}** can't be added: {entry.reason}"
+    rows = add_row(rows, entry.name)
+    return rows, prompt_from_rows(prompt, rows), f"Added **{entry.name}** to the stack."
+
+
+def row_label(catalog: LoraCatalog, row: Row) -> tuple[str, str]:
+    """(label, info) of a row's checkbox: name and badge; missing or unusable files say so."""
+    entry = lookup(catalog, row["name"])
+    if entry is None:
+        return f"⚠ {row['name']}", "missing: not in the LoRA folders (generation will fail until it is removed)"
+    if not entry.compatible:
+        return f"⚠ {entry.name} · {entry.badge}", f"can't be used: {entry.reason}"
+    words = ", ".join(entry.trigger_words[:3])
+    return f"{entry.name} · {entry.badge}", (f"trigger words: {words}…" if words else "no trigger words in the file")
+
+
+def build_lora_panel(session: Session, prompt: gr.Textbox) -> LoraPanel:
+    """Lay out and wire the panel (call inside the Generate tab's column, below the prompt)."""
+    catalog = LoraCatalog(session.dirs.cache / "thumbnails")
+    with gr.Accordion("LoRAs", open=True, elem_id="lora-panel"):
+        with gr.Row(equal_height=True):
+            search = gr.Textbox(show_label=False, placeholder="Search LoRAs: name, title or trigger word",
+                                elem_id="lora-search", scale=5, container=False)
+            refresh = gr.Button("⟳ Refresh", elem_id="lora-refresh", size="sm", scale=1, min_width=90)
+        browser = gr.Gallery(show_label=False, columns=COLUMNS, height=gallery_height(0), allow_preview=False,
+                             object_fit="cover", fit_columns=False, interactive=False, buttons=[],
+                             elem_id="lora-browser")
+        note = gr.Markdown(elem_id="lora-note")
+        rows = gr.State([])
+        shown = gr.State([])
+        gr.Markdown("**Stack** (the prompt's `<lora:name:weight>` tags follow these rows, and the other way round)",
+                    elem_id="lora-stack-title")
+
+        @gr.render(inputs=[rows], queue=False, show_progress="hidden")
+        def stack(current: list[Row]) -> None:
+            current = clean_rows(current)
+            if not current:
+                gr.Markdown("No LoRAs in the stack: pick one above, or type `<lora:name:1>` in the prompt.",
+                            elem_id="lora-stack-empty", key="empty")
+            for row in current:
+                _render_row(catalog, row, rows, prompt)
+
+    panel = LoraPanel(catalog, search, refresh, browser, note, rows, shown)
+    _wire_browser(panel, session, prompt)
+    return panel
+
+
+def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textbox) -> None:
+    name, tag_id = row["name"], slug(row["name"])
+    label, info = row_label(catalog, row)
+    entry = lookup(catalog, name)
+    # Keyed by name so a row keeps its widgets across re-renders; preserved_by_key=None because the
+    # state, not the widget, holds the value (a weight typed into the prompt must move the slider).
+    keep: dict[str, Any] = {"preserved_by_key": None, "interactive": True}
+    with gr.Group(elem_classes="lora-row", key=f"row-{name}"):  # a Group writes its elem_id twice: on the Row
+        with gr.Row(equal_height=True, key=f"line-{name}", elem_id=f"lora-row-{tag_id}"):
+            enabled = gr.Checkbox(row["enabled"], label=label, info=info, key=f"on-{name}", scale=3,
+                                  elem_id=f"lora-enable-{tag_id}", **keep)
+            weight = gr.Slider(min(-WEIGHT_RANGE, row["weight"]), max(WEIGHT_RANGE, row["weight"]),
+                               value=row["weight"], step=0.05, label="weight", key=f"w-{name}", scale=4,
+                               elem_id=f"lora-weight-{tag_id}", **keep)
+            up, down, drop = (gr.Button(text, size="sm", min_width=36, scale=0, key=f"{kind}-{name}",
+                                        elem_id=f"lora-{kind}-{tag_id}", variant=variant)
+                              for text, kind, variant in (("↑", "up", "secondary"), ("↓", "down", "secondary"),
+                                                          ("✕", "remove", "stop")))
+        words = entry.trigger_words[:MAX_CHIPS] if entry is not None else ()
+        chips = []
+        if words:
+            with gr.Row(elem_classes="lora-chips", key=f"chips-{name}"):
+                chips = [gr.Button(f"+ {word}", size="sm", scale=0, key=f"chip-{name}-{i}",
+                                   elem_id=f"lora-chip-{tag_id}-{i}", elem_classes="lora-chip")
+                         for i, word in enumerate(words)]
+
+    def wire(listener, kind: str, fn, inputs: list, outputs: list, options: dict[str, Any]) -> None:
+        listener(fn, inputs, outputs, key=f"{kind}-{name}", **options)  # keyed: the same event across re-renders
+
+    def changed(new_rows: list[Row], text: str) -> tuple[list[Row], str]:
+        return new_rows, prompt_from_rows(text, new_rows)
+
+    both = [rows, prompt]
+    wire(enabled.input, "enable", lambda on, rs, text: changed(edit_row(rs, name, enabled=bool(on)), text),
+         [enabled, rows, prompt], both, ROWS)
+    # release: at the end of a drag, or when the number box loses focus (not once per pixel)
+    wire(weight.release, "weight", lambda w, rs, text: changed(edit_row(rs, name, weight=round(float(w), 4)), text),
+         [weight, rows, prompt], both, ROWS)
+    wire(up.click, "up", lambda rs, text: changed(move_row(rs, name, -1), text), both, both, ROWS)
+    wire(down.click, "down", lambda rs, text: changed(move_row(rs, name, +1), text), both, both, ROWS)
+    wire(drop.click, "remove", lambda rs, text: changed(remove_row(rs, name), text), both, both, ROWS)
+    for i, (chip, word) in enumerate(zip(chips, words)):
+        wire(chip.click, f"chip{i}", lambda text, w=word: add_word(text, w), [prompt], [prompt], QUICK)
+
+
+def _wire_browser(panel: LoraPanel, session: Session, prompt: gr.Textbox) -> None:
+    catalog = panel.catalog
+    view = [panel.browser, panel.shown, panel.note]
+
+    def show(query: str) -> tuple[gr.Gallery, list[str], str]:
+        items, names, note = browser_view(catalog, query)
+        return gr.Gallery(value=items, height=gallery_height(len(items))), names, note
+
+    def rescan(query: str) -> tuple[gr.Gallery, list[str], str]:
+        catalog.scan(search_dirs(session.settings.lora_dirs))  # settings may have changed in Preferences
+        return show(query)
+
+    panel.refresh.click(rescan, panel.search, view, **QUICK)
+    panel.search.change(show, panel.search, view, **QUICK)
+    gr.on(triggers=None, fn=lambda: rescan(""), inputs=[], outputs=view, **QUICK)  # on page load
+
+    def pick(rows: list[Row], text: str, names: list[str], evt: gr.SelectData) -> tuple[Any, Any, str]:
+        if evt.index is None or not 0 <= evt.index < len(names or []):
+            return gr.skip(), gr.skip(), gr.skip()
+        return add_from_browser(catalog, rows, text, names[evt.index])
+
+    panel.browser.select(pick, [panel.rows, prompt, panel.shown], [panel.rows, prompt, panel.note], **ROWS)
+
+    def from_prompt(text: str, rows: list[Row]) -> tuple[Any, Any]:
+        """A hand edit of the prompt: tags become rows; the prompt is tidied only if that changes it."""
+        new_rows = rows_from_prompt(text, rows)
+        tidy = prompt_from_rows(text, new_rows)
+        return (new_rows if new_rows != clean_rows(rows) else gr.skip()), (tidy if tidy != text else gr.skip())
+
+    prompt.blur(from_prompt, [prompt, panel.rows], [panel.rows, prompt], **ROWS)
