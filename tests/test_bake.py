@@ -157,24 +157,51 @@ def test_a_failed_write_leaves_nothing_and_restores_the_model(pipe, stack, tmp_p
     _assert_same(_state(pipe), before)
 
 
-def test_a_session_patcher_gets_its_own_stack_and_settings_back(pipe, stack, tmp_path):
-    """With the session's patcher: the bake starts from pristine, and the session's stack returns after."""
+def test_the_session_patchers_get_their_own_stack_and_settings_back(pipe, stack, tmp_path):
+    """With the session's patchers (one per memory phase, as the engine binds them): the bake starts
+    from pristine, and each patcher's stack and settings come back afterwards."""
     from diffusers import StableDiffusionXLPipeline
 
-    comps = {c: getattr(pipe, c) for c in COMPONENTS}
     pristine = _state(pipe)
     expected = _patched(pipe, stack[:1])
     settings = PatcherSettings(mode=LoraMode.MERGED, unpatch_lora_by_vram_offload=True)
-    with LoraPatcher(comps, settings) as session:
-        session.apply(stack[1:])  # the session currently generates with the peft LoRA only
+    phases = [LoraPatcher({c: getattr(pipe, c) for c in names}, settings, partial=True)
+              for names in (("text_encoder", "text_encoder_2"), ("unet",))]
+    try:
+        for p in phases:
+            p.apply(stack[1:])  # the session currently generates with the peft LoRA only
         during = _state(pipe, COMPONENTS)
-        bake(pipe, stack[:1], tmp_path / "baked", patcher=session)
-        assert session.settings == settings and [w for _, w in session.applied] == [-0.5]
+        bake(pipe, stack[:1], tmp_path / "baked", patchers=phases)
+        for p in phases:
+            assert p.settings == settings and [w for _, w in p.applied] == [-0.5]
         _assert_same(_state(pipe, COMPONENTS), during)
         loaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "baked", torch_dtype=torch.float32,
                                                           local_files_only=True)
         _assert_same(_state(loaded, COMPONENTS), expected)  # not stacked on the session's LoRA
+    finally:
+        for p in phases:
+            p.close()
     _assert_same(_state(pipe), pristine)
+
+
+def test_patchers_that_miss_a_component_are_a_programming_error(pipe, stack, tmp_path):
+    with LoraPatcher({"unet": pipe.unet}) as unet_only, pytest.raises(ValueError, match="cover"):
+        bake(pipe, stack, tmp_path / "out", patchers=[unet_only])
+
+
+def test_a_pristine_source_spares_the_snapshot(pipe, stack, tmp_path):
+    """With the model cache's RAM copy as pristine source, the private patcher copies nothing first."""
+    ram = {(c, k): v.detach().clone() for c in COMPONENTS for k, v in getattr(pipe, c).named_parameters()}
+    asked: list[tuple[str, str]] = []
+
+    def source(component: str, name: str) -> torch.Tensor:
+        asked.append((component, name))
+        return ram[(component, name)]
+
+    before = _state(pipe)
+    bake(pipe, stack, tmp_path / "out", pristine_source=source)
+    assert len(asked) == len({(p.component, p.module) for lora, _ in stack for p in lora.patches})
+    _assert_same(_state(pipe), before)
 
 
 def test_peft_adapters_in_the_pipeline_are_refused(pipe, stack, tmp_path):
