@@ -253,7 +253,9 @@ class LoraPatcher:
         if self.settings.mode != LoraMode.MERGED or self._applied_mode != LoraMode.MERGED or len(self._sidecars):
             return False
         live = [(lora, w) for lora, w in stack if w != 0.0]
-        if not live or len(live) != len(self.applied) or any(a is not b or v != u for (a, v), (b, u) in zip(live, self.applied)):
+        if not live or len(live) != len(self.applied):
+            return False
+        if any(a is not b or v != u for (a, v), (b, u) in zip(live, self.applied)):
             return False
         return all(slot.stamp == _stamp(slot.param) for slot in self._slots.values())
 
