@@ -32,7 +32,7 @@ test: install-test browser
 
 # Refresh the README's screenshots from the real-browser tests.
 screenshots: install-test browser
-	LORA_STUDIO_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q tests/ui/test_browser.py
+	LORA_STUDIO_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q tests/ui/test_browser.py tests/ui/test_lora_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
