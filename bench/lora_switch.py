@@ -344,11 +344,18 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"diffusers load_lora_weights per file: median {sec(s['diffusers_load_median'])}; "
                  f"ours first parse per file: {', '.join(sec(v) for v in result['ours_first_parse_seconds'])}")
+    if s["diffusers_load_median"]:
+        loads = 2 * s["diffusers_load_median"]
+        derived = ", ".join(f"{name} {(e['diffusers'] + loads) / e['ours_off']:.1f}x" for name, e in s["steps"].items()
+                            if name in ("apply A (1+2)", "switch A -> B (3+4)") and e["ours_off"] and e["diffusers"])
+        lines.append(f"diffusers loading the two files on each switch instead (derived: + 2 loads): {derived} "
+                     "(vs ours off)")
     first = s["steps"]["apply A (1+2)"]
     lines.append(f"first use (round 0) apply A: ours {sec(first['ours_off_first'])} (pristine snapshot + file checks), "
                  f"diffusers {sec(first['diffusers_first'])}")
     for side, targets in s["targets"].items():
-        verdicts = ", ".join(f"{k} {'MET' if v['met'] else 'MISSED'}" for k, v in targets.items())
+        verdicts = ", ".join(f"{k} {'NOT CHECKED' if v.get('checked') is False else 'MET' if v['met'] else 'MISSED'}"
+                             for k, v in targets.items())
         lines.append(f"targets {side}: {verdicts}")
     if "snapshot_seconds" in result:
         lines.append(f"pristine copies come from the model's RAM copy (pristine_source); snapshotting them instead "
