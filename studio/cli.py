@@ -102,7 +102,8 @@ def _session(args: argparse.Namespace):
     return Session(settings, dirs)
 
 
-def _request_from_args(args: argparse.Namespace, settings) -> "GenerationRequest":  # noqa: F821
+def _request_from_args(args: argparse.Namespace, settings):
+    """The request the flags describe, validated (a GenerationRequest)."""
     from studio.request import GenerationRequest
 
     if not args.prompt:

@@ -7,36 +7,14 @@ skips with the reason when no chromium binary exists.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
+from tests.ui.conftest import LONG, SCREENSHOTS, open_tab, set_number
 from ui.server import launch_app
 
 pytestmark = pytest.mark.browser
-# Screenshots go to test-artifacts/ (ignored by git) so a test run never dirties the tree;
-# `make screenshots` points this at docs/screenshots to refresh the README's pictures.
-SCREENSHOTS = Path(os.environ.get("LORA_STUDIO_SCREENSHOTS") or
-                   Path(__file__).resolve().parent.parent.parent / "test-artifacts")
-CHROMIUM = next((p for p in (os.environ.get("CHROMIUM_PATH"), "/usr/bin/chromium", "/usr/bin/chromium-browser",
-                             shutil.which("chromium")) if p and os.path.exists(p)), None)
-LONG = 60_000
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("no chromium binary (install Debian's `chromium`, or set CHROMIUM_PATH)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +40,6 @@ def page(browser, app_url):
     context.close()
 
 
-def _set_number(page, selector: str, value: str) -> None:
-    box = page.locator(selector)
-    box.fill(value)
-    box.press("Enter")
-
-
-def _tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name).click()
-
-
 def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     from playwright.sync_api import expect
 
@@ -79,8 +47,8 @@ def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     expect(page.locator("#live-status")).to_contain_text("Idle")
     page.locator("#prompt textarea").fill("a lighthouse at dusk")
     page.locator("#seed input").fill("11")
-    _set_number(page, "#steps input[type=number]", "4")
-    _set_number(page, "#batch-count input[type=number]", "2")
+    set_number(page, "#steps input[type=number]", "4")
+    set_number(page, "#batch-count input[type=number]", "2")
     page.locator("#generate").click()
     expect(page.locator("#gallery img").nth(1)).to_have_attribute("src", re.compile(r"gradio_api/file="), timeout=LONG)
     expect(page.locator("#seeds-note")).to_have_text("Seeds: 11, 12", timeout=LONG)
@@ -96,7 +64,7 @@ def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     page.locator("#seed-reuse").click()
     expect(page.locator("#seed input")).to_have_value("12")
 
-    _tab(page, "Report")
+    open_tab(page, "Report")
     table = page.locator("#report-table")
     expect(table).to_contain_text("Batch of 2 images (seeds 11, 12)")
     expect(table).to_contain_text("denoise")
@@ -106,14 +74,14 @@ def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     expect(page.locator("#live-memory")).to_contain_text("RAM (RSS)")
     page.screenshot(path=str(SCREENSHOTS / "report-panel.png"), full_page=True)
 
-    _tab(page, "Preferences")
+    open_tab(page, "Preferences")
     expect(page.locator("#prefs-note")).to_contain_text("Loaded from")
     expect(page.locator("#pref-unpatch_lora_by_vram_offload")).to_contain_text("restore touched weights in place")
     expect(page.locator("#unpatch-costs")).to_contain_text("Last measured cost of each unpatch path")
-    _set_number(page, "#pref-default_steps input", "0")
+    set_number(page, "#pref-default_steps input", "0")
     page.locator("#prefs-save").click()
     expect(page.locator(".toast-body").first).to_contain_text("must be between 1 and 200, got 0", timeout=LONG)
-    _set_number(page, "#pref-default_steps input", "7")
+    set_number(page, "#pref-default_steps input", "7")
     page.locator("#prefs-save").click()
     expect(page.locator("#prefs-result")).to_contain_text("Default steps: 20 → 7", timeout=LONG)
     expect(page.locator("#prefs-result")).to_contain_text("applies now")
@@ -123,7 +91,7 @@ def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     page.reload()
     expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)
     expect(page.locator("#steps input[type=number]")).to_have_value("7")  # the default took effect
-    _tab(page, "Preferences")
+    open_tab(page, "Preferences")
     expect(page.locator("#pref-default_steps input")).to_have_value("7")  # and was kept
 
 
@@ -136,7 +104,7 @@ def test_png_info_restores_the_parameters_into_generate(page, tmp_path):
     source = tmp_path / "from-a1111.png"
     save_png(Image.new("RGB", (64, 64)), source, "a green boat <lora:demo-kohya-warm:0.7>\nNegative prompt: fog\n"
              "Steps: 12, Sampler: DPM++ 2M, CFG scale: 6.5, Seed: 4242, Size: 832x1216, Model: sdxl")
-    _tab(page, "PNG info")
+    open_tab(page, "PNG info")
     page.locator("#png-drop input[type=file]").set_input_files(str(source))
     expect(page.locator("#png-params")).to_contain_text("4242", timeout=LONG)
     expect(page.locator("#png-prompt textarea")).to_have_value("a green boat <lora:demo-kohya-warm:0.7>")
@@ -157,8 +125,8 @@ def test_a_second_visitor_sees_the_queue_and_stop_midway_is_acknowledged_at_once
     from playwright.sync_api import expect
 
     page.locator("#prompt textarea").fill("a very long run")
-    _set_number(page, "#steps input[type=number]", "200")
-    _set_number(page, "#batch-count input[type=number]", "4")
+    set_number(page, "#steps input[type=number]", "200")
+    set_number(page, "#batch-count input[type=number]", "4")
     page.locator("#generate").click()
     expect(page.locator("#gallery")).to_contain_text("denoising", timeout=LONG)
     expect(page.locator("#live-status")).to_contain_text("Generating", timeout=LONG)
@@ -167,7 +135,7 @@ def test_a_second_visitor_sees_the_queue_and_stop_midway_is_acknowledged_at_once
     other.goto(app_url)
     expect(other.locator("#model-line")).to_contain_text("ready", timeout=LONG)
     other.locator("#prompt textarea").fill("waits its turn")
-    _set_number(other, "#steps input[type=number]", "2")
+    set_number(other, "#steps input[type=number]", "2")
     other.locator("#generate").click()
     expect(other.locator("#gallery")).to_contain_text("queue: 1/1", timeout=LONG)  # Gradio's own position
     expect(other.locator("#live-status")).to_contain_text("1 in the queue", timeout=LONG)

@@ -12,16 +12,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from studio.metadata import PNG_KEY
-from ui.server import launch_app
 
 PUBLIC = {"/generate", "/stop", "/png_info", "/save_preferences", "/reset_preferences", "/preferences", "/status"}
-
-
-@pytest.fixture(scope="module")
-def served(tiny_session):
-    running = launch_app(tiny_session, quiet=True)
-    yield tiny_session, running.local_url
-    running.close()
 
 
 @pytest.fixture

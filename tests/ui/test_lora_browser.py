@@ -11,25 +11,12 @@ import re
 
 import pytest
 
-from tests.ui.test_browser import CHROMIUM, LONG, SCREENSHOTS, _set_number, _tab
+from tests.ui.conftest import LONG, SCREENSHOTS, open_tab, set_number
 from tests.ui.test_lora_catalog import write_sd15_lora
 from ui.server import launch_app
 
 pytestmark = pytest.mark.browser
 WARM = "demo-kohya-warm"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if CHROMIUM is None:
-        pytest.skip("no chromium binary (install Debian's `chromium`, or set CHROMIUM_PATH)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
-    with playwright_api.sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +70,7 @@ def test_browse_add_weigh_trigger_words_and_generate(page):
     expect(row).to_be_visible(timeout=LONG)
     expect(prompt).to_have_value(f"a lighthouse at dusk <lora:{WARM}:1>")
 
-    _set_number(page, f"#lora-weight-{WARM} input[type=number]", "0.75")
+    set_number(page, f"#lora-weight-{WARM} input[type=number]", "0.75")
     page.locator(f"#lora-weight-{WARM} input[type=number]").blur()  # the number box's release
     expect(prompt).to_have_value(f"a lighthouse at dusk <lora:{WARM}:0.75>", timeout=LONG)
     page.locator(f"#lora-chip-{WARM}-0").click()  # "+ warm light": one word, not all of them
@@ -100,7 +87,7 @@ def test_browse_add_weigh_trigger_words_and_generate(page):
     expect(peft).to_be_visible()
 
     page.locator("#seed input").fill("21")
-    _set_number(page, "#steps input[type=number]", "2")
+    set_number(page, "#steps input[type=number]", "2")
     page.locator("#generate").click()
     expect(page.locator("#gallery img").first).to_have_attribute("src", re.compile(r"gradio_api/file="),
                                                                  timeout=LONG)
@@ -112,7 +99,7 @@ def test_browse_add_weigh_trigger_words_and_generate(page):
     page.locator("#lora-panel").scroll_into_view_if_needed()
     page.screenshot(path=str(SCREENSHOTS / "lora-panel.png"), full_page=True)
 
-    _tab(page, "Report")
+    open_tab(page, "Report")
     table = page.locator("#report-table")
     expect(table).to_contain_text(WARM, timeout=LONG)
     expect(table).to_contain_text("0.75")
@@ -128,7 +115,7 @@ def test_png_info_brings_the_stack_back_as_rows_that_reorder_and_remove(page, tm
     source = tmp_path / "with-loras.png"
     save_png(Image.new("RGB", (64, 64)), source, f"a green boat <lora:{WARM}:0.7> <lora:demo-locon-grain:0.4>\n"
              "Steps: 12, Sampler: Euler, CFG scale: 6.5, Seed: 4242, Size: 256x256")
-    _tab(page, "PNG info")
+    open_tab(page, "PNG info")
     page.locator("#png-drop input[type=file]").set_input_files(str(source))
     expect(page.locator("#png-params")).to_contain_text("4242", timeout=LONG)
     page.locator("#png-send").click()

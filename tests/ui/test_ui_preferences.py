@@ -8,14 +8,6 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from studio.settings import load_settings
-from ui.server import launch_app
-
-
-@pytest.fixture(scope="module")
-def served(tiny_session):
-    running = launch_app(tiny_session, quiet=True)
-    yield tiny_session, running.local_url
-    running.close()
 
 
 @pytest.fixture
