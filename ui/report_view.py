@@ -30,7 +30,11 @@ def phase_label(name: str) -> str:
 
 
 def _mb(value: float | int | None) -> str:
-    return "–" if value is None else f"{value / _MB:,.0f} MB"
+    """MB, with a decimal below 10 MB so that the tiny demo model's sizes do not all read "0 MB"."""
+    if value is None:
+        return "–"
+    mb = value / _MB
+    return f"{mb:,.1f} MB" if 0 < mb < 10 else f"{mb:,.0f} MB"
 
 
 def summary_line(report: Report) -> str:
@@ -53,22 +57,46 @@ def render_report(report: Report) -> str:
     steps = report.step_seconds
     step_line = (f"{len(steps)} steps, {report.it_per_s:.2f} it/s "
                  f"(fastest {min(steps):.3f} s, slowest {max(steps):.3f} s)") if steps else "no steps ran"
-    mem = report.memory
-    mem_rows = [f"| peak RAM (RSS) | {_mb(mem.get('peak_rss'))} |", f"| RAM after (RSS) | {_mb(mem.get('rss'))} |"]
-    if "cuda_peak_allocated" in mem:
-        mem_rows.append(f"| peak VRAM allocated | {_mb(mem['cuda_peak_allocated'])} |")
-        mem_rows.append(f"| peak VRAM reserved | {_mb(mem.get('cuda_peak_reserved'))} |")
     req, model = report.request, report.model
     head = (f"**{model.get('name')}** ({'built-in demo model' if model.get('demo') else model.get('kind')}, "
             f"hash {model.get('hash')}) on {report.device}/{report.dtype} · seed {req.get('seed')} · "
             f"{req.get('width')}×{req.get('height')} · {req.get('sampler')} · CFG {req.get('cfg')}")
     lines = [head, "", step_line, "", "| phase | time | share |", "|---|---:|---:|", *rows, "",
-             "| memory | |", "|---|---:|", *mem_rows]
+             *render_memory(report.memory)]
     if report.lora:
         lines += ["", *render_lora(report.lora)]
     if report.status != "ok":
         lines += ["", f"Status: **{report.status}**"]
     return "\n".join(lines)
+
+
+def render_memory(mem: dict) -> list[str]:
+    """The report's `memory` section: the mode that ran, where each component's weights are, and the totals.
+
+    Older reports (and callers that measure only RSS) have just the peaks: those rows are shown alone.
+    """
+    lines: list[str] = []
+    if mem.get("mode"):
+        asked = mem.get("mode_requested")
+        mode = f"Memory mode **{mem['mode']}**" + (f" (asked: {asked})" if asked and asked != mem["mode"] else "")
+        lines += [" · ".join([mode, *mem.get("notes", [])]), ""]
+    components = mem.get("components") or {}
+    if components:
+        lines += ["| component | weights | where | on the device |", "|---|---:|---|---:|"]
+        for name, c in components.items():
+            where = str(c.get("where", "?")) + (" (moved in for its phase)" if c.get("on_demand") else "")
+            lines.append(f"| {name} | {_mb(c.get('bytes'))} | {where} | {_mb(c.get('device_bytes'))} |")
+        lines.append("")
+    rows = [("peak RAM (RSS)", mem.get("peak_rss")), ("RAM after (RSS)", mem.get("rss")),
+            ("peak VRAM allocated", mem.get("cuda_peak_allocated")), ("peak VRAM reserved", mem.get("cuda_peak_reserved")),
+            ("pinned RAM", mem.get("pinned_bytes")), ("model cache in RAM", mem.get("cache_ram_bytes")),
+            ("LoRA cache", mem.get("lora_cache_bytes")), ("copied host → device", mem.get("h2d_bytes"))]
+    stream = mem.get("stream") or {}
+    if stream:
+        rows.append((f"stream buffers (lookahead {stream.get('lookahead', '?')})", stream.get("reserved_bytes")))
+    lines += ["| memory | |", "|---|---:|", *(f"| {label} | {_mb(value)} |" for label, value in rows
+                                              if value is not None or label.startswith(("peak RAM", "RAM after")))]
+    return lines
 
 
 def render_lora(lora: dict) -> list[str]:

@@ -15,7 +15,8 @@ from ui.generate_tab import GenerateForm
 from ui.jobs import JobBook
 from ui.png_info import restorable
 from ui.pref_fields import from_widget, sections, shown, to_widget
-from ui.report_view import memory_frame, phase_frame, render_report, render_unpatch_costs, unpatch_costs
+from ui.report_view import (memory_frame, phase_frame, render_memory, render_report, render_unpatch_costs,
+                            unpatch_costs)
 from ui.share import Credentials, LinkState, PublicLink, login_for
 from ui.sizes import CUSTOM, SDXL_BUCKETS, preset_for, size_presets
 from studio.settings import Settings, field_names
@@ -75,6 +76,25 @@ def test_report_table_frames_and_unpatch_costs():
     assert unpatch_costs(history) == {"restore_in_place": (0.0123, 3)}
     assert "restore in place: **12.3 ms** (generation #3)" in render_unpatch_costs(history)
     assert "| warm (`h`) | 0.8 | kohya | 9 | 2: `k1`, `k2` | miss |" in render_report(history[2])
+
+
+def test_the_memory_table_shows_the_mode_where_each_component_is_and_what_moved():
+    mem = {"mode": "offload", "mode_requested": "auto", "notes": ["VRAM budget fits the UNet alone"],
+           "components": {"unet": {"where": "cuda", "bytes": 5 * 2**30, "device_bytes": 5 * 2**30, "on_demand": True},
+                          "vae": {"where": "cpu", "bytes": 3 * 2**20 // 2, "device_bytes": 0, "on_demand": True}},
+           "pinned_bytes": 2 * 2**30, "cache_ram_bytes": 7 * 2**30, "lora_cache_bytes": 228 * 2**20,
+           "h2d_bytes": 5 * 2**30, "rss": 9 * 2**30, "peak_rss": 10 * 2**30, "cuda_peak_allocated": 6 * 2**30,
+           "cuda_peak_reserved": 7 * 2**30, "stream": {"lookahead": 4, "reserved_bytes": 300 * 2**20}}
+    text = "\n".join(render_memory(mem))
+    assert "Memory mode **offload** (asked: auto) · VRAM budget fits the UNet alone" in text
+    assert "| unet | 5,120 MB | cuda (moved in for its phase) | 5,120 MB |" in text
+    assert "| vae | 1.5 MB | cpu (moved in for its phase) | 0 MB |" in text
+    for row in ("| pinned RAM | 2,048 MB |", "| LoRA cache | 228 MB |", "| copied host → device | 5,120 MB |",
+                "| peak VRAM reserved | 7,168 MB |", "| stream buffers (lookahead 4) | 300 MB |"):
+        assert row in text
+    # what an old report (or a bare RSS reading) has: just the two RAM rows, no empty ones
+    bare = render_memory({"peak_rss": 600 * 2**20, "rss": 590 * 2**20})
+    assert bare[-2:] == ["| peak RAM (RSS) | 600 MB |", "| RAM after (RSS) | 590 MB |"] and len(bare) == 4
 
 
 def test_stop_reaches_queued_and_running_tickets_of_one_owner_only():
