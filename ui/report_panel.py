@@ -44,7 +44,7 @@ def build_report_panel(session: Session) -> ReportPanel:
         phase_plot = gr.BarPlot(phase_frame(history), x="generation", y="seconds", color="phase",
                                 title="Time per phase", y_title="seconds", height=300, elem_id="phase-plot")
         memory_plot = gr.LinePlot(memory_frame(history), x="generation", y="MB", color="measure",
-                                  title="Peak memory per generation", y_title="MB", x_axis_format="d", height=300,
+                                  title="Peak memory per generation", y_title="MB", y_lim=[0, None], height=300,
                                   elem_id="memory-plot")
     return ReportPanel(table, json_files, live_memory, phase_plot, memory_plot)
 

@@ -166,14 +166,14 @@ def memory_frame(history: Sequence[Report]) -> pd.DataFrame | None:
     """One row per (generation, measure) in MB: peak RAM, and peak VRAM where measured; None before the first."""
     rows = []
     for label, report in _numbered(history):
-        number = int(label[1:])
         mem = report.memory
-        rows.append({"generation": number, "measure": "peak RAM", "MB": mem.get("peak_rss", 0) / _MB})
+        rows.append({"generation": label, "measure": "peak RAM", "MB": mem.get("peak_rss", 0) / _MB})
         if "cuda_peak_allocated" in mem:
-            rows.append({"generation": number, "measure": "peak VRAM", "MB": mem["cuda_peak_allocated"] / _MB})
+            rows.append({"generation": label, "measure": "peak VRAM", "MB": mem["cuda_peak_allocated"] / _MB})
     if not rows:
         return None
-    return pd.DataFrame(rows).astype({"generation": "int64", "measure": "string", "MB": "float64"})
+    # the same "#n" labels as the phase chart: one tick per generation (integers drew "1, 2, 2")
+    return pd.DataFrame(rows).astype({"generation": "string", "measure": "string", "MB": "float64"})
 
 
 def unpatch_costs(history: Iterable[Report]) -> dict[str, tuple[float, int]]:

@@ -66,6 +66,7 @@ def test_report_table_frames_and_unpatch_costs():
     assert "model load" in set(phases["phase"])  # every known phase from the start (the chart's legend is fixed)
     memory = memory_frame(history)
     assert list(memory["measure"]) == ["peak RAM", "peak RAM", "peak VRAM"]
+    assert list(memory["generation"]) == ["#1", "#2", "#2"]  # one tick per generation, as in the phase chart
     assert phase_frame([]) is None and memory_frame([]) is None
     assert "not measured yet" in render_unpatch_costs(history)
     lora = {"unpatch": {"method": "restore_in_place", "tensors": 4, "switch_seconds": 0.0123}, "stack": [
