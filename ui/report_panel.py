@@ -13,7 +13,7 @@ import gradio as gr
 
 from studio.report import Report
 from studio.session import Session
-from ui.report_view import memory_frame, phase_frame, render_report
+from ui.report_view import memory_axis, memory_frame, phase_frame, render_report
 
 _MB = 1024 * 1024
 EMPTY_TABLE = "No generation yet: generate an image and its report appears here."
@@ -40,12 +40,12 @@ def build_report_panel(session: Session) -> ReportPanel:
             json_files = gr.File(label="Report JSON (saved next to each PNG)", file_count="multiple",
                                  interactive=False, elem_id="report-json")
     gr.Markdown("### This session")
-    with gr.Row():
-        phase_plot = gr.BarPlot(phase_frame(history), x="generation", y="seconds", color="phase",
-                                title="Time per phase", y_title="seconds", height=300, elem_id="phase-plot")
-        memory_plot = gr.LinePlot(memory_frame(history), x="generation", y="MB", color="measure",
-                                  title="Peak memory per generation", y_title="MB", y_lim=[0, None], height=300,
-                                  elem_id="memory-plot")
+    # one chart a row: side by side, the legend of nine phases was cut off after "VAE decode"
+    phase_plot = gr.BarPlot(phase_frame(history), x="generation", y="seconds", color="phase",
+                            title="Time per phase", y_title="seconds", height=300, elem_id="phase-plot")
+    memory = memory_frame(history)
+    memory_plot = gr.LinePlot(memory, x="generation", y="MB", color="measure", title="Peak memory per generation",
+                              y_title="MB", y_lim=memory_axis(memory), height=260, elem_id="memory-plot")
     return ReportPanel(table, json_files, live_memory, phase_plot, memory_plot)
 
 
@@ -61,7 +61,9 @@ def refresh_report_panel(panel: ReportPanel, session: Session, own: list[Report]
             table = f"Batch of {len(reports)} images (seeds {seeds}), {total:.2f} s in all; the last one:\n\n" + table
     else:
         table = EMPTY_TABLE
-    return {panel.table: table, panel.phase_plot: phase_frame(history), panel.memory_plot: memory_frame(history)}
+    memory = memory_frame(history)
+    return {panel.table: table, panel.phase_plot: phase_frame(history),
+            panel.memory_plot: gr.LinePlot(memory, y_lim=memory_axis(memory))}
 
 
 def live_memory_text(status: dict) -> str:

@@ -176,6 +176,14 @@ def memory_frame(history: Sequence[Report]) -> pd.DataFrame | None:
     return pd.DataFrame(rows).astype({"generation": "string", "measure": "string", "MB": "float64"})
 
 
+def memory_axis(frame: pd.DataFrame | None) -> list[float]:
+    """The memory chart's y range: from zero (a 1 MB change must not look like a cliff) to a round
+    number above the highest point (Gradio's open-ended `[0, None]` clipped the line off the top)."""
+    top = float(frame["MB"].max()) if frame is not None and len(frame) else 0.0
+    step = 10 ** max(0, len(str(int(top * 1.1))) - 1)  # 623 MB -> steps of 100 -> 700
+    return [0.0, float(max(step, -(-top * 1.1 // step) * step))]
+
+
 def unpatch_costs(history: Iterable[Report]) -> dict[str, tuple[float, int]]:
     """The last measured cost of each LoRA unpatch path: method -> (seconds, generation number).
 

@@ -15,7 +15,7 @@ from ui.generate_tab import GenerateForm
 from ui.jobs import JobBook
 from ui.png_info import restorable
 from ui.pref_fields import from_widget, sections, shown, to_widget
-from ui.report_view import (memory_frame, phase_frame, render_memory, render_report, render_unpatch_costs,
+from ui.report_view import (memory_axis, memory_frame, phase_frame, render_memory, render_report, render_unpatch_costs,
                             unpatch_costs)
 from ui.share import Credentials, LinkState, PublicLink, login_for
 from ui.sizes import CUSTOM, SDXL_BUCKETS, preset_for, size_presets
@@ -68,6 +68,8 @@ def test_report_table_frames_and_unpatch_costs():
     assert list(memory["measure"]) == ["peak RAM", "peak RAM", "peak VRAM"]
     assert list(memory["generation"]) == ["#1", "#2", "#2"]  # one tick per generation, as in the phase chart
     assert phase_frame([]) is None and memory_frame([]) is None
+    assert memory_axis(memory) == [0.0, 4000.0]  # peak VRAM 3,072 MB: from zero to a round number above it
+    assert memory_axis(memory_frame([_report(1)])) == [0.0, 700.0] and memory_axis(None) == [0.0, 1.0]
     assert "not measured yet" in render_unpatch_costs(history)
     lora = {"unpatch": {"method": "restore_in_place", "tensors": 4, "switch_seconds": 0.0123}, "stack": [
         {"name": "warm", "hash": "h", "weight": 0.8, "format": "kohya", "layers": 9, "unmatched_keys": 2,
