@@ -4,10 +4,8 @@ Rules (DESIGN.md 4), each learned from a peer's bug:
 - Merged weight = `pristine + sum(w_i * delta_i)`, accumulated in fp32 from the pristine tensor
   and rounded once; restore is a copy from pristine. Never subtract: diffusers' `unfuse_lora`
   drifts by 4.9e-3 in bf16 after 40 switches (research/diffusers.md 0.1).
-- All low-rank LoRAs of a layer are ONE addmm (ranks concatenated, user weights folded into
-  `up`, no dense per-LoRA delta). Other patches (LoHa, LoKr, full, DoRA) add
-  `delta(pristine_fp32)`: always the pristine base, so the result does not depend on stack
-  order (InvokeAI feeds the already patched weight to later DoRAs).
+- The value of one merged tensor (one addmm for all low-rank LoRAs of a layer) is
+  `studio.lora.merge`'s; this module decides which tensors change and keeps them consistent.
 - Pristine copies live in CPU RAM (pinned for CUDA), snapshotted on first touch, and never
   alias the live tensor: InvokeAI #6559 patched its "read-only" copy in place on CPU.
 - Per tensor, the ordered (lora, weight) pairs applied are kept: the same stack again does
@@ -38,20 +36,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from studio.errors import LoraError, OutOfMemory
-from studio.lora.base import LayerPatch, LoraFile
+from studio.lora.base import LoraFile
+from studio.lora.merge import check_patch, merge_rows_cpu, merged_value
 from studio.lora.sidecar import (FP8_DTYPES, Entry, SidecarSet, check_sidecar_module, compute_dtype_for,
                                  needs_sidecar)
 
 log = logging.getLogger(__name__)
 
 Stack = Sequence[tuple[LoraFile, float]]
-# CPU merges run in row blocks of about this many fp32 bytes, so the accumulator stays in cache: one
-# full-size fp32 temporary costs ~20 bytes of memory traffic per weight, blocks ~4 (read the bf16
-# base, write the result). Measured on 2 EPYC cores, SDXL ff.net.0.proj (10240x1280, rank 64):
-# 47 -> 12 ms; SDXL-scale 2-LoRA apply ~3x faster (bench/lora_switch.py). 4 MB rather than 1 MB:
-# 1 MB blocks of the 5120-wide layers are 64 rows, too short for the GEMM; SDXL-scale 2-LoRA apply,
-# 5 interleaved runs: 1 MB median 5.08 s (min 3.70), 4 MB 3.91 s (min 3.18), whole layers 4.68 s.
-CPU_ROW_BLOCK_BYTES = 4 << 20
 SlotKey = tuple[str, str, str]  # (component, module path, "weight" | "bias")
 Signature = tuple[tuple[int, float], ...]
 
@@ -280,7 +272,7 @@ class LoraPatcher:
                     continue
                 module = self._module(lora, patch.component, patch.module)
                 if not checked:
-                    _check_patch(lora, patch, module)
+                    check_patch(lora, patch, module)
                 entry = (lora, w, patch)
                 if mode is LoraMode.SIDECAR or (mode is LoraMode.AUTO and self._sidecar_predicate(module)):
                     check_sidecar_module(lora, patch.module, module)
@@ -371,41 +363,11 @@ class LoraPatcher:
         src = t if t.is_pinned() else t.pin_memory()  # pinned, so the copy does not block the host
         return src.to(device, non_blocking=True)
 
-    def _value(self, slot: _Slot, entries: list[Entry], device: torch.device,
-               stats: PatchStats) -> tuple[torch.Tensor, bool]:
-        """(pristine + sum(w * delta) in fp32 on `device` as a NEW [rows, -1] tensor, had dense parts)."""
-        p, live = slot.pristine, slot.param
-        if not slot.entries and not slot.dropped and slot.stamp == _stamp(live):
-            base = live.detach()  # live is clean: bit-identical to pristine and already on the device
-        else:
-            base = self._upload(p, device, stats)
-        base = base.float().reshape(p.shape[0], -1)  # may alias pristine or live: read only
-        if slot.attr == "bias":
-            acc = base.clone()
-            for _lora, w, patch in entries:
-                acc.add_(self._upload(patch.bias_delta.float(), device, stats).reshape(acc.shape), alpha=w)
-            return acc, False
-        lowrank: list[tuple[float, tuple[torch.Tensor, torch.Tensor]]] = []
-        dense: list[tuple[float, LayerPatch]] = []
-        for _lora, w, patch in entries:
-            f = None if patch.depends_on_base else patch.factors()
-            if f is None:
-                dense.append((w, patch))
-            else:
-                lowrank.append((w, f))
-        if lowrank:  # one kernel for every low-rank LoRA of the layer
-            up = torch.cat([f[0] * w for w, f in lowrank], 1)
-            down = torch.cat([f[1] for _, f in lowrank], 0)
-            acc = torch.addmm(base, self._upload(up, device, stats), self._upload(down, device, stats))
-        else:
-            acc = base.clone()
-        for w, patch in dense:
-            # Patch tensors live in CPU RAM (LayerPatch has no `.to`), so these deltas are made there.
-            d = patch.delta(slot.host_pristine().float()).float()
-            if d.numel() != acc.numel():
-                raise LoraError(f"layer {patch.module}: the delta has {d.numel()} values, the weight {acc.numel()}")
-            acc.add_(self._upload(d.reshape(acc.shape), device, stats), alpha=w)
-        return acc, bool(dense)
+    def _base(self, slot: _Slot, device: torch.device, stats: PatchStats) -> torch.Tensor:
+        """Pristine on `device` to merge onto (read only): the live tensor itself while it is clean."""
+        if not slot.entries and not slot.dropped and slot.stamp == _stamp(slot.param):
+            return slot.param.detach()  # bit-identical to pristine and already on the device
+        return self._upload(slot.pristine, device, stats)
 
     def _write(self, key: SlotKey, slot: _Slot, entries: list[Entry], offload: bool,
                stats: PatchStats) -> torch.Tensor | None:
@@ -433,8 +395,10 @@ class LoraPatcher:
         else:
             out_of_place = offload or slot.dropped or _shares_memory(param, slot.pristine)
             had_dense = False
-            if not self._merge_rows_cpu(slot, entries, out_of_place):
-                value, had_dense = self._value(slot, entries, param.device, stats)
+            base = self._base(slot, param.device, stats)
+            if slot.attr != "weight" or not merge_rows_cpu(param, base, entries, out_of_place):
+                value, had_dense = merged_value(base, slot.attr, entries,
+                                                lambda t: self._upload(t, param.device, stats), slot.host_pristine)
                 if out_of_place:
                     # Out of place: the old live tensor is dropped, never made "clean" again.
                     param.data = value.to(param.dtype).reshape(param.shape)
@@ -451,41 +415,6 @@ class LoraPatcher:
         slot.entries = list(entries)
         slot.stamp = _stamp(slot.param)
         return flag
-
-    def _merge_rows_cpu(self, slot: _Slot, entries: list[Entry], out_of_place: bool) -> bool:
-        """`_value` + the write for big low-rank-only CPU weights, in L2-sized row blocks; False: not applicable.
-
-        Same math as `_value` (fp32 addmm of the concatenated factors onto the base, one rounding),
-        block by block straight into the destination, so no full-size fp32 temporary exists.
-        """
-        param = slot.param
-        if param.device.type != "cpu" or slot.attr != "weight" or not param.is_contiguous():
-            return False
-        p = slot.pristine
-        rows, cols = p.shape[0], p.numel() // max(p.shape[0], 1)
-        # Whole multiples of 64 rows: BLAS then runs the same micro-kernels on every row as one
-        # big addmm would (blocks of 1, 2 or 7 rows take other kernels and differ in the last bit).
-        step = max(1, CPU_ROW_BLOCK_BYTES // (4 * max(cols, 1)) // 64) * 64
-        if rows <= step:
-            return False  # one block: the plain path is the same work
-        factors = [None if patch.depends_on_base else patch.factors() for _lora, _w, patch in entries]
-        if any(f is None for f in factors):
-            return False
-        up = torch.cat([f[0] * w for (_lora, w, _p), f in zip(entries, factors)], 1)
-        down = torch.cat([f[1] for f in factors], 0)
-        clean_live = not slot.entries and not slot.dropped and slot.stamp == _stamp(param)
-        base = (param.detach() if clean_live else p).reshape(rows, cols)  # block rows are read before written
-        dest = torch.empty(param.shape, dtype=param.dtype) if out_of_place else param.detach()
-        out = dest.view(rows, cols)
-        scratch = torch.empty((step, cols), dtype=torch.float32)
-        for r0 in range(0, rows, step):
-            acc = scratch[: min(step, rows - r0)]
-            acc.copy_(base[r0:r0 + acc.shape[0]])
-            acc.addmm_(up[r0:r0 + acc.shape[0]], down)
-            out[r0:r0 + acc.shape[0]].copy_(acc)  # the one rounding to the weight dtype
-        if out_of_place:
-            param.data = dest  # the old live tensor is dropped, never made "clean" again
-        return True
 
     def _reload(self, component: str) -> None:
         """Lazy half of the offload path: clean weights from pristine, right before they are used."""
@@ -538,31 +467,6 @@ class LoraPatcher:
             except Exception:  # noqa: BLE001
                 log.exception("LoRA rollback of sidecar %s failed; removing it", key)
                 self._set_sidecar(key, [])
-
-
-def _check_patch(lora: LoraFile, patch: LayerPatch, module: nn.Module) -> None:
-    """Shapes against the module and finite values; once per LoRA object (cheap to repeat stacks)."""
-    shape = tuple(module.weight.shape)
-    want = getattr(patch, "weight_shape", None)
-    factors = patch.factors()
-    if want is not None and tuple(want) != shape:
-        bad = list(want)
-    elif factors is not None and (factors[0].shape[0] != shape[0] or factors[1].shape[1] != math.prod(shape[1:])
-                                  or factors[0].shape[1] != factors[1].shape[0]):
-        bad = [factors[0].shape[0], factors[1].shape[1]]
-    else:
-        bad = None
-    if bad is not None:
-        raise LoraError(f"{lora.name}: layer {patch.module} has weight shape {list(shape)}, the file expects "
-                        f"{bad}; is the file for another base model?")
-    if patch.bias_delta is not None:
-        bias = getattr(module, "bias", None)
-        if bias is None or tuple(bias.shape) != tuple(patch.bias_delta.shape):
-            raise LoraError(f"{lora.name}: layer {patch.module}: bias change of shape {list(patch.bias_delta.shape)} "
-                            f"does not fit its bias {None if bias is None else list(bias.shape)}")
-    extra = [patch.bias_delta] if patch.bias_delta is not None else []
-    if not all(bool(torch.isfinite(t).all()) for t in patch.tensors() + extra):
-        raise LoraError(f"{lora.name}: layer {patch.module} holds NaN or inf values; the file is damaged")
 
 
 def _reraise(err: BaseException) -> None:

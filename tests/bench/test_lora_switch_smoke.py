@@ -25,10 +25,10 @@ CLEARS = [name for name, stack in SCENARIO + REFERENCE if not stack]
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    import studio.lora.patcher as patcher
+    import studio.lora.merge as merge
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(patcher, "CPU_ROW_BLOCK_BYTES", 2048)  # 64-row blocks: tiny ff/proj layers go through them
+    mp.setattr(merge, "CPU_ROW_BLOCK_BYTES", 2048)  # 64-row blocks: tiny ff/proj layers go through them
     try:
         return run(Config(tiny=True, dtype="bf16", rounds=0, threads=1, sample=40,
                           lora_dir=tmp_path_factory.mktemp("bench-loras")))
