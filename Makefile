@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test install install-test browser clean screenshots
+.PHONY: run test install install-test browser clean screenshots gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: install-test browser
 # Refresh the README's screenshots from the real-browser tests.
 screenshots: install-test browser
 	LORA_STUDIO_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q tests/ui/test_browser.py tests/ui/test_lora_browser.py
+
+# The packages the GPU machine's image lacks, as wheels for scripts/gpu_check.sh (carried as .whl).
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		diffusers==0.42.1 platformdirs==4.14.9 tomli-w==1.2.0 importlib-metadata==10.2.0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
