@@ -87,16 +87,17 @@ def render_memory(mem: dict) -> list[str]:
             where = str(c.get("where", "?")) + (" (moved in for its phase)" if c.get("on_demand") else "")
             lines.append(f"| {name} | {_mb(c.get('bytes'))} | {where} | {_mb(c.get('device_bytes'))} |")
         lines.append("")
-    rows = [("peak RAM (RSS)", mem.get("peak_rss")), ("RAM after (RSS)", mem.get("rss")),
-            ("peak VRAM allocated", mem.get("cuda_peak_allocated")), ("peak VRAM reserved", mem.get("cuda_peak_reserved")),
-            ("pinned RAM", mem.get("pinned_bytes")), ("model cache in RAM", mem.get("cache_ram_bytes")),
-            ("LoRA cache", mem.get("lora_cache_bytes")), ("copied host → device", mem.get("h2d_bytes"))]
+    # the two RAM rows always (every report has them), the others only where this report measured them
+    measured = [("peak VRAM allocated", mem.get("cuda_peak_allocated")),
+                ("peak VRAM reserved", mem.get("cuda_peak_reserved")), ("pinned RAM", mem.get("pinned_bytes")),
+                ("model cache in RAM", mem.get("cache_ram_bytes")), ("LoRA cache", mem.get("lora_cache_bytes")),
+                ("copied host → device", mem.get("h2d_bytes"))]
     stream = mem.get("stream") or {}
     if stream:
-        rows.append((f"stream buffers (lookahead {stream.get('lookahead', '?')})", stream.get("reserved_bytes")))
-    lines += ["| memory | |", "|---|---:|", *(f"| {label} | {_mb(value)} |" for label, value in rows
-                                              if value is not None or label.startswith(("peak RAM", "RAM after")))]
-    return lines
+        measured.append((f"stream buffers (lookahead {stream.get('lookahead', '?')})", stream.get("reserved_bytes")))
+    rows = [("peak RAM (RSS)", mem.get("peak_rss")), ("RAM after (RSS)", mem.get("rss")),
+            *((label, value) for label, value in measured if value is not None)]
+    return [*lines, "| memory | |", "|---|---:|", *(f"| {label} | {_mb(value)} |" for label, value in rows)]
 
 
 def render_lora(lora: dict) -> list[str]:
