@@ -1,19 +1,20 @@
-"""Write the embedded models' folders under assets/ (no download).
+"""Write the SDXL base configs under assets/, and build the tiny SDXL with random weights (no download).
 
-- assets/tiny-sdxl/: a tiny SDXL-architecture pipeline in diffusers layout with
-  deterministic random weights (fp16 on disk), built from the real diffusers and
-  transformers classes. Loaded through the same code path as a real model.
 - assets/sdxl-base/: the real SDXL base 1.0 configs (no weights), used to load a
-  single-file SDXL checkpoint offline.
+  single-file SDXL checkpoint offline, with the CLIP tokenizers written by
+  scripts/make_tokenizers.py (run that first).
+- `build_tiny`: a tiny SDXL-architecture pipeline with deterministic random weights,
+  built from the real diffusers and transformers classes. It is where
+  scripts/train_demo_model.py starts (its text encoders are these random CLIP weights);
+  the trained result is what assets/tiny-sdxl holds. `--random-tiny DIR` writes the
+  untrained pipeline to DIR (fp16, diffusers layout), e.g. to compare against.
 
-Both folders get the CLIP tokenizers written by scripts/make_tokenizers.py
-(run that first; its output in assets/sdxl-base/tokenizer* is copied).
-
-Usage: python scripts/make_tiny_sdxl.py
+Usage: python scripts/make_tiny_sdxl.py [--random-tiny DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -95,11 +96,17 @@ def write_sdxl_base_configs(out: Path) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--random-tiny", type=Path, help="also write the untrained tiny pipeline here")
+    args = parser.parse_args()
     base = REPO / "assets" / "sdxl-base"
     if not (base / "tokenizer" / "vocab.json").exists():
         sys.exit("run scripts/make_tokenizers.py first")
     write_sdxl_base_configs(base)
-    tiny_dir = REPO / "assets" / "tiny-sdxl"
+    print(f"wrote the SDXL base configs in {base}")
+    if args.random_tiny is None:
+        return
+    tiny_dir = args.random_tiny
     if tiny_dir.exists():
         shutil.rmtree(tiny_dir)
     pipe = build_tiny(base)
@@ -110,7 +117,7 @@ def main() -> None:
         shutil.rmtree(tiny_dir / name)
         shutil.copytree(base / name, tiny_dir / name)
     size = sum(f.stat().st_size for f in tiny_dir.rglob("*") if f.is_file())
-    print(f"wrote {tiny_dir} ({size / 1e6:.1f} MB) and the SDXL base configs in {base}")
+    print(f"wrote {tiny_dir} ({size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

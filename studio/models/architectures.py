@@ -82,8 +82,10 @@ SDXL_SCHEDULER: dict[str, Any] = {
     "use_karras_sigmas": False,
 }
 
-# Tiny: widths divisible by 32 for GroupNorm(32); head dim 16 everywhere; the
-# real CLIP vocabulary (49,408) so the shipped tokenizer works unchanged.
+# Tiny: GroupNorm(8), not SDXL's 32: with 32 groups on 32 channels every channel is
+# normalised alone, which erases a flat region's colour (the demo model's whole subject:
+# its VAE reconstructed every background as the same two colours until this changed).
+# The real CLIP vocabulary (49,408), so the shipped tokenizer works unchanged.
 TINY_TE1: dict[str, Any] = {**SDXL_TE1, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                             "num_attention_heads": 2, "projection_dim": 32}
 TINY_TE2: dict[str, Any] = {**SDXL_TE2, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -91,8 +93,9 @@ TINY_TE2: dict[str, Any] = {**SDXL_TE2, "hidden_size": 32, "intermediate_size": 
 
 TINY_UNET: dict[str, Any] = {
     **SDXL_UNET,
-    "sample_size": 32,
+    "sample_size": 16,  # latent side: 128 px through the 8x VAE
     "block_out_channels": [32, 64, 64],
+    "norm_num_groups": 8,
     "transformer_layers_per_block": [1, 1, 2],
     "attention_head_dim": [2, 4, 4],
     "cross_attention_dim": TINY_TE1["hidden_size"] + TINY_TE2["hidden_size"],
@@ -102,7 +105,7 @@ TINY_UNET: dict[str, Any] = {
 }
 
 TINY_VAE: dict[str, Any] = {**SDXL_VAE, "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1,
-                            "sample_size": 256}
+                            "norm_num_groups": 8, "sample_size": 128}
 
-TINY_DEFAULT_SIZE = 256
+TINY_DEFAULT_SIZE = 128  # what the demo model was trained at (scripts/train_demo_model.py)
 SDXL_DEFAULT_SIZE = 1024
