@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from studio.choices import LoraMode
 from studio.errors import InputError, OutOfMemory, StudioError
-from studio.lora.base import COMPONENTS, LoraFile
-from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings, Stack
+from studio.lora.base import LoraFile
+from studio.lora.patcher import LoraPatcher, PatcherSettings, Stack
+from studio.phases import LORA_TARGETS
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -50,7 +52,7 @@ class BakeResult:
 
 
 def _components(pipe: StableDiffusionXLPipeline) -> dict[str, nn.Module]:
-    return {name: model for name in COMPONENTS if (model := getattr(pipe, name, None)) is not None}
+    return {part.value: model for part in LORA_TARGETS if (model := getattr(pipe, part, None)) is not None}
 
 
 def _check_target(out_dir: Path, single_file: Path | None) -> None:

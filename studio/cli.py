@@ -115,9 +115,12 @@ def _request_from_args(args: argparse.Namespace, settings):
                              loras=tuple(args.lora)).validated()
 
 
-def _read_jobs(path: Path, settings) -> list:
+def _read_jobs(path: Path, session) -> list:
+    """Every line checked, LoRA names found, before the model loads: the session's Jobs."""
     from studio.errors import SettingsError
     from studio.request import GenerationRequest
+
+    settings = session.settings
 
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -135,7 +138,7 @@ def _read_jobs(path: Path, settings) -> list:
             raise SettingsError(f"{path.name} line {number}: expected a JSON object")
         data = {"steps": settings.default_steps, "cfg": settings.default_cfg, **data}
         try:
-            jobs.append(GenerationRequest.from_dict(data))
+            jobs.append(session.prepare(GenerationRequest.from_dict(data)))
         except StudioError as err:
             raise SettingsError(f"{path.name} line {number}: {err}") from None
     if not jobs:
@@ -148,10 +151,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.jobs:
         if not args.out_dir:
             raise StudioError("--jobs needs --out-dir DIR")
-        jobs = _read_jobs(args.jobs, session.settings)  # all lines checked before the model loads
+        jobs = _read_jobs(args.jobs, session)  # all lines checked before the model loads
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        for index, request in enumerate(jobs, 1):
-            result = session.generate(request, out_path=args.out_dir / f"{index:04d}.png")
+        for index, job in enumerate(jobs, 1):
+            result = session.generate(job, out_path=args.out_dir / f"{index:04d}.png")
             result.report.write_json(args.out_dir / f"{index:04d}.json")
             print(f"[{index}/{len(jobs)}] {result.paths[0]}  seed {result.seeds[0]}")
             print("  " + result.report.summary().replace("\n", "\n  "))

@@ -20,35 +20,10 @@ from typing import Any
 
 import tomli_w
 
+from studio.choices import Device, LoraMode, MemoryMode, Precision
 from studio.errors import SettingsError
 
 log = logging.getLogger(__name__)
-
-
-class Device(StrEnum):
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
-class Precision(StrEnum):
-    AUTO = "auto"  # fp16 on CUDA, bf16 on CPU (fp16 matmul on CPU is ~250x slower)
-    FP32 = "fp32"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-
-class LoraMode(StrEnum):
-    AUTO = "auto"  # merged, except sidecar on fp8-stored or streamed layers
-    MERGED = "merged"
-    SIDECAR = "sidecar"
-
-
-class MemoryMode(StrEnum):
-    AUTO = "auto"  # picked from the budgets
-    FULL = "full"  # everything on the GPU
-    OFFLOAD = "offload"  # components move to the GPU when needed
-    STREAM = "stream"  # layer weights stream from pinned RAM, N layers ahead
 
 
 @dataclass(frozen=True)

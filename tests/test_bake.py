@@ -19,7 +19,8 @@ from studio.bake import BAKE_INFO, bake
 from studio.errors import InputError, LoraError, StudioError
 from studio.lora.base import LoraFile
 from studio.lora.keymap import ModelIndex
-from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings
+from studio.choices import LoraMode
+from studio.lora.patcher import LoraPatcher, PatcherSettings
 from studio.lora.reader import read_lora
 from studio.paths import DEMO_LORA_DIR, TINY_MODEL_DIR
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from studio.metadata import read_png_infotext
+from studio.infotext import read_png_infotext
 
 ROOT = Path(__file__).resolve().parent.parent
 

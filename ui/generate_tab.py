@@ -12,15 +12,17 @@ is what really keeps two jobs apart (a cancelled Gradio handler keeps running).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 
 from studio.errors import Cancelled, SettingsError
-from studio.request import MAX_SEED, SAMPLERS, GenerationRequest
-from studio.session import Session, StepEvent
+from studio.request import MAX_SEED, GenerationRequest
+from studio.samplers import SAMPLERS
+from studio.jobs import StepEvent
+from studio.session import Session
 from ui.access import ServerInfo, is_local, owner_of
 from ui.errors import engine_call
 from ui.lora_panel import LoraPanel, build_lora_panel
@@ -61,7 +63,7 @@ class GenerateForm:
         first = GenerationRequest(prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps,
                                   cfg=self.cfg, width=self.width, height=self.height, sampler=self.sampler,
                                   loras=self.loras).validated().with_seed()
-        return [replace(first, seed=(first.seed + i) % (MAX_SEED + 1)) for i in range(self.batch_count)]
+        return [first.reseeded((first.seed + i) % (MAX_SEED + 1)) for i in range(self.batch_count)]
 
 
 @dataclass

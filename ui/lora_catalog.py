@@ -26,8 +26,9 @@ from typing import Iterable, Sequence
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from studio.errors import LoraError
-from studio.lora.metadata import BASE_MODEL_NAMES
-from studio.lora.reader import PICKLE_SUFFIXES, LoraInfo, inspect_lora
+from studio.lora.file_metadata import BASE_MODEL_NAMES
+from studio.file_formats import PICKLE_SUFFIXES
+from studio.lora.reader import LoraInfo, inspect_lora
 from studio.lora.stack import list_loras
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.metadata import Infotext, read_png_infotext
-from studio.request import MAX_SEED, SAMPLERS
+from studio.infotext import Infotext, read_png_infotext
+from studio.request import MAX_SEED
+from studio.samplers import SAMPLERS
 from ui.errors import engine_call
 from ui.generate_tab import GenerateTab
 from ui.lora_sync import prompt_from_rows, rows_from_prompt

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from studio.errors import ModelLoadError
+from studio.file_formats import PICKLE_SUFFIXES
 from studio.paths import TINY_MODEL_DIR
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 

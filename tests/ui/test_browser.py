@@ -100,7 +100,7 @@ def test_png_info_restores_the_parameters_into_generate(page, tmp_path):
     from PIL import Image
     from playwright.sync_api import expect
 
-    from studio.metadata import save_png
+    from studio.infotext import save_png
 
     source = tmp_path / "from-a1111.png"
     save_png(Image.new("RGB", (64, 64)), source, "a green boat <lora:demo-kohya-warm:0.7>\nNegative prompt: fog\n"

@@ -11,7 +11,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from studio.metadata import PNG_KEY
+from studio.infotext import PNG_KEY
 
 PUBLIC = {"/generate", "/stop", "/png_info", "/save_preferences", "/reset_preferences", "/preferences", "/status"}
 

@@ -110,7 +110,7 @@ def test_png_info_brings_the_stack_back_as_rows_that_reorder_and_remove(page, tm
     from PIL import Image
     from playwright.sync_api import expect
 
-    from studio.metadata import save_png
+    from studio.infotext import save_png
 
     source = tmp_path / "with-loras.png"
     save_png(Image.new("RGB", (64, 64)), source, f"a green boat <lora:{WARM}:0.7> <lora:demo-locon-grain:0.4>\n"

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from studio.errors import SettingsError
-from studio.metadata import Infotext
+from studio.infotext import Infotext
 from studio.report import Report
 from studio.request import MAX_SEED
 from ui.access import ServerInfo, host_is_local, is_local
