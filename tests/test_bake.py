@@ -235,3 +235,21 @@ def test_a_lora_that_does_not_fit_is_refused_and_nothing_is_written(pipe, stack,
         bake(pipe, [stack[0], (bad, 1.0)], tmp_path / "out")
     assert not (tmp_path / "out").exists() and _no_partials(tmp_path) == []
     _assert_same(_state(pipe), before)
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_the_baked_files_get_the_modes_the_users_umask_asks_for(pipe, stack, tmp_path, umask, folder_mode, file_mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        bake(pipe, stack, tmp_path / "out", tmp_path / "one.safetensors")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "out", *(tmp_path / "out").rglob("*"), tmp_path / "one.safetensors"]}
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (folder_mode if (tmp_path / name).is_dir() else file_mode)}
+    assert wrong == {}  # mkdtemp made the folder 0700 and safetensors every weight file 0600
+
