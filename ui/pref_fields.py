@@ -17,11 +17,11 @@ from studio.settings import SETTING_INFO, Applies, SettingInfo, Settings, field_
 APPLIES_BADGE = {Applies.NOW: "⚡ applies now", Applies.MODEL_RELOAD: "⟳ applies when the model reloads",
                  Applies.RESTART: "⚙ needs a restart"}
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "Model and files": ("model", "device", "precision", "outputs_dir"),
+    "Model and files": ("model", "vae", "model_dirs", "device", "precision", "outputs_dir"),
     "LoRAs": ("lora_dirs", "lora_mode", "unpatch_lora_by_vram_offload", "lora_cache_mb"),
     "Memory": ("memory_mode", "stream_lookahead", "fp8_storage", "ram_limit_mb", "vram_limit_mb",
                "working_memory_mb"),
-    "Generation defaults": ("default_steps", "default_cfg"),
+    "Generation defaults": ("default_steps", "default_cfg", "live_preview"),
     "Server and public link": ("port", "share", "auth_user", "auth_password"),
 }
 SECRET_FIELDS = frozenset({"auth_password"})
