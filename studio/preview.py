@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PREVIEW_EVERY = 2  # steps between previews: a preview costs ~0.1 ms, the browser shows about one a second
 FIT_SAMPLES = 2
 FIT_SIDE = 16  # latent pixels per side of each fitting sample (128 image pixels)
-PREVIEW_SCALE = 2  # the preview image is the latent grid upscaled this much (nearest): 256 px for SDXL
+PREVIEW_SIDE = 256  # the preview is the latent grid upscaled (nearest, whole times) to about this long side
 
 
 @dataclass(frozen=True)
@@ -40,14 +40,15 @@ class LatentProjection:
     fit_seconds: float
 
     def image(self, latents: torch.Tensor) -> Image.Image:
-        """The first latent of a batch (C, h, w) as a PIL image of (w, h) x PREVIEW_SCALE."""
+        """The first latent of a batch (C, h, w) as a PIL image, each latent pixel a square of whole pixels."""
         lat = latents[0].detach().float().cpu()
         weight = torch.tensor(self.weight, dtype=torch.float32)
         bias = torch.tensor(self.bias, dtype=torch.float32)
         rgb = torch.einsum("chw,rc->hwr", lat, weight) + bias
         pixels = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         picture = Image.fromarray(pixels, mode="RGB")
-        return picture.resize((picture.width * PREVIEW_SCALE, picture.height * PREVIEW_SCALE), Image.NEAREST)
+        scale = max(1, round(PREVIEW_SIDE / max(picture.size)))
+        return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -92,6 +92,12 @@ class Session:
         return self._warm
 
     @property
+    def outputs_root(self) -> Path:
+        """Where PNGs are saved: the outputs_dir setting, else the per-user data folder."""
+        outputs = self.settings.outputs_dir
+        return Path(outputs).expanduser() if outputs else self.dirs.default_outputs
+
+    @property
     def native_size(self) -> int:
         warm = self._warm
         return warm.native_size if warm is not None else SDXL_DEFAULT_SIZE
@@ -224,8 +230,7 @@ class Session:
             with timer.phase("preview_fit"):
                 self._fit_preview(warm)
         job = replace(job, request=job.request.with_seed())
-        root = Path(self.settings.outputs_dir).expanduser() if self.settings.outputs_dir else self.dirs.default_outputs
-        path = Path(out_path) if out_path is not None else next_output_path(root, job.request.seed)
+        path = Path(out_path) if out_path is not None else next_output_path(self.outputs_root, job.request.seed)
         budgets = self._budgets() if self.runtime.device.type == "cuda" else None
         memory = DecodeMemory(self.settings.working_memory_mb, budgets.working if budgets else 0)
 
