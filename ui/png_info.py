@@ -19,6 +19,7 @@ from studio.request import MAX_SEED
 from studio.samplers import SAMPLERS
 from ui.errors import engine_call
 from ui.generate_tab import GenerateTab
+from ui.lora_panel import drawn
 from ui.lora_sync import prompt_from_rows, rows_from_prompt
 from ui.sizes import preset_for
 
@@ -75,7 +76,7 @@ def wire_png_info(tab: PngInfoTab, gen: GenerateTab, tabs: gr.Tabs, generate_tab
         values, skipped = restorable(info)
         rows = rows_from_prompt(info.prompt, [])  # the image's stack replaces the current one
         out: dict = {tabs: gr.Tabs(selected=generate_tab_id), gen.prompt: prompt_from_rows(info.prompt, rows),
-                     gen.negative: info.negative, gen.loras.rows: rows}
+                     gen.negative: info.negative, gen.loras.rows: rows, gen.loras.layout: drawn(rows)}
         for name, value in values.items():
             out[getattr(gen, name)] = value
         if "width" in values:
@@ -85,7 +86,7 @@ def wire_png_info(tab: PngInfoTab, gen: GenerateTab, tabs: gr.Tabs, generate_tab
         return out
 
     outputs = [tabs, gen.prompt, gen.negative, gen.seed, gen.steps, gen.cfg, gen.sampler, gen.width, gen.height,
-               gen.preset, gen.loras.rows, tab.note]
+               gen.preset, gen.loras.rows, gen.loras.layout, tab.note]
     # queued: gradio re-renders the LoRA rows (a State change) only after a queued event
     tab.send.click(send_to_generate, tab.image, outputs, api_visibility="private", concurrency_limit=None,
                    show_progress="hidden")

@@ -19,13 +19,14 @@ from typing import Callable
 import gradio as gr
 
 from studio.errors import StudioError
-from studio.paths import app_dirs
+from studio.paths import ASSETS_DIR, app_dirs
 from studio.session import Session
 from studio.settings import load_settings
 from ui.access import ServerInfo
 from ui.share import Opener, PublicLink, login_for, open_tunnel
 
 log = logging.getLogger(__name__)
+CSS = ASSETS_DIR / "css" / "studio.css"
 AUTH_MESSAGE = "LoRA Studio is shared through a public link: log in with the user and password shown on its console."
 
 
@@ -70,7 +71,8 @@ def launch_app(session: Session, port: int | None = None, quiet: bool = False, s
     _, local_url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=quiet,
                                  inbrowser=False, share=False, auth=credentials.pair if credentials else None,
                                  auth_message=AUTH_MESSAGE if credentials else None, allowed_paths=allowed,
-                                 blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb")
+                                 blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb",
+                                 css_paths=[CSS])
     server.port = app.server_port
     running = RunningApp(app, local_url, server)
     if share and start_tunnel:
