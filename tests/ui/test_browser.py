@@ -122,6 +122,54 @@ def test_png_info_restores_the_parameters_into_generate(page, tmp_path):
     expect(page.locator("#size-preset input")).to_have_value("832×1216 (13:19, SDXL)")
 
 
+def test_png_info_says_in_one_line_what_a_bad_file_is(page, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from studio.infotext import save_png
+
+    good = tmp_path / "good.png"
+    save_png(Image.new("RGB", (64, 64)), good, "a boat\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 8, Size: 64x64")
+    fake = tmp_path / "holiday.png"
+    fake.write_text("<!DOCTYPE html><html>not a picture at all</html>")
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    open_tab(page, "PNG info")
+    note = page.locator("#png-note")
+
+    def drop(path) -> None:
+        """Drop a file, taking the one shown off first (as a user does with its ✕)."""
+        remove = page.locator("#png-drop button[aria-label=Clear]")
+        if remove.count():
+            remove.first.click()
+        page.locator("#png-drop input[type=file]").set_input_files(str(path))
+
+    drop(good)
+    expect(note).to_contain_text("good.png is a 64×64 PNG", timeout=LONG)
+    page.locator("#png-send").click()
+    expect(page.get_by_role("tab", name="Generate")).to_have_attribute("aria-selected", "true", timeout=LONG)
+    open_tab(page, "PNG info")
+    expect(note).to_contain_text("Sent to Generate.")
+
+    drop(fake)
+    expect(note).to_contain_text("holiday.png is not an image: it starts with the text <!DOCTYPE html><html>not",
+                                 timeout=LONG)
+    expect(note).not_to_contain_text("Sent to Generate")  # the old note went with the old file
+    expect(page.locator("#png-preview img")).to_have_count(0)  # no broken picture
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)  # no bare red "Error" pills
+    expect(page.locator(".toast-body")).to_have_count(0)
+    expect(page.locator("#png-prompt textarea")).to_have_value("")
+
+    drop(plain)
+    expect(note).to_contain_text("plain.png is a 8×8 PNG (", timeout=LONG)
+    expect(note).to_contain_text("without generation parameters (no parameters text; it holds no text at all)")
+    expect(page.locator("#png-preview img")).to_be_visible()
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+    page.locator("#png-send").click()
+    expect(note).to_contain_text("Nothing was sent to Generate.", timeout=LONG)
+    expect(page.get_by_role("tab", name="PNG info")).to_have_attribute("aria-selected", "true")
+
+
 def test_a_second_visitor_sees_the_queue_and_stop_midway_is_acknowledged_at_once(page, browser, app_url):
     from playwright.sync_api import expect
 
