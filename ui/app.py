@@ -1,4 +1,4 @@
-"""build_app(session) -> gr.Blocks: Generate, Report, PNG info and Preferences tabs.
+"""build_app(session) -> gr.Blocks: Generate, Report, History, PNG info and Preferences tabs, and the model picker.
 
 Each tab lives in its own module and is wired here. Engine errors become `gr.Error`
 in one place (ui/errors.py). A gr.Timer refreshes the status line (busy/idle, queue,
@@ -15,11 +15,13 @@ import gradio as gr
 from studio.session import Session
 from ui.access import ServerInfo, is_local, owner_of
 from ui.generate_tab import GPU, build_generate_tab, wire_generate_tab
+from ui.history_tab import build_history_tab, wire_history_tab
+from ui.model_picker import build_model_picker, wire_model_picker
 from ui.png_info import build_png_info_tab, wire_png_info
 from ui.preferences import Followers, build_preferences, panel_values, wire_preferences
 from ui.report_view import render_unpatch_costs
 from ui.report_panel import build_report_panel, live_memory_text, refresh_report_panel
-from ui.sizes import size_presets
+from ui.sizes import preset_for, size_presets
 
 log = logging.getLogger(__name__)
 _MB = 1024 * 1024
@@ -71,11 +73,14 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
             model_line = gr.Markdown("Loading…", elem_id="model-line")
             live_status = gr.Markdown("Connecting…", elem_id="live-status")
         public_line = gr.Markdown(elem_id="public-link")  # a row of its own: a failure reason is a sentence
+        picker = build_model_picker(session)
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 gen = build_generate_tab(session)
             with gr.Tab("Report", id="report") as report_tab:
                 report = build_report_panel(session)
+            with gr.Tab("History", id="history") as history_tab:
+                history = build_history_tab()
             with gr.Tab("PNG info", id="png-info"):
                 png = build_png_info_tab()
             with gr.Tab("Preferences", id="preferences") as prefs_tab:
@@ -96,9 +101,18 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
         report_tab.select(refresh_report, gen.last_reports, report_outputs, **quiet)
         presets = size_presets(session.native_size)
         wire_png_info(png, gen, tabs, "generate", presets)
+        wire_history_tab(history, session, server, gen, tabs, history_tab, "generate", presets)
         wire_preferences(prefs, session, server, Followers({"default_steps": gen.steps, "default_cfg": gen.cfg},
                                                            model_line, header))
         prefs_tab.select(lambda: render_unpatch_costs(list(session.history)), None, prefs.unpatch_costs, **quiet)
+
+        def after_load() -> dict:
+            """A new model: the header names it, the size sliders go to its native size."""
+            native = session.native_size
+            return {model_line: header(), gen.width: native, gen.height: native,
+                    gen.preset: preset_for(presets, native, native)}
+
+        wire_model_picker(picker, session, server, after_load, [model_line, gen.width, gen.height, gen.preset])
 
         def lines(request: gr.Request) -> tuple[str, str, str]:
             status = session.status()
