@@ -20,8 +20,8 @@ def test_every_phase_is_announced_as_it_starts_in_the_reports_own_names(tiny_ses
         steps.append(event.step)
         heard.append(f"step {event.step}")
 
-    result = tiny_session.generate(GenerationRequest(prompt="a cat", seed=3, steps=3, loras=(("demo-kohya-warm", 0.5),)),
-                                   on_phase=heard.append, on_step=on_step, out_path=tmp_path / "p.png")
+    request = GenerationRequest(prompt="a cat", seed=3, steps=3, loras=(("demo-kohya-warm", 0.5),))
+    result = tiny_session.generate(request, on_phase=heard.append, on_step=on_step, out_path=tmp_path / "p.png")
     # LoRA patching happens when a phase's components arrive, so it is announced before the phase itself
     assert heard[:3] == ["lora_load", "lora_patch", "text_encode"]
     denoise = heard.index("denoise")

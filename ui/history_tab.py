@@ -111,7 +111,8 @@ def build_history_tab() -> HistoryTab:
             summary = gr.Markdown("Click an image to see its parameters and report.", elem_id="history-summary")
             with gr.Row():
                 send = gr.Button("Send to Generate", variant="primary", elem_id="history-send")
-                open_folder = gr.Button("Open folder", elem_id="history-open")  # no emoji: Debian's chromium has no emoji font
+                # no folder emoji: Debian's chromium has no emoji font
+                open_folder = gr.Button("Open folder", elem_id="history-open")
             action = gr.Markdown(elem_id="history-action")
             params = gr.Dataframe(headers=["parameter", "value"], datatype=["str", "str"], interactive=False,
                                   label="Parameters", elem_id="history-params")

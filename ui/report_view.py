@@ -78,8 +78,9 @@ def render_preview(preview: dict) -> str:
         return ""
     if not preview.get("enabled"):
         return "Live preview: off (Preferences → Live preview)."
-    line = (f"Live preview: {preview.get('images', 0)} pictures (every {preview.get('every_steps', '?')} steps), "
-            f"**{preview.get('ms_per_step', 0.0):.3f} ms per step**")
+    images = preview.get("images", 0)
+    line = (f"Live preview: {images} picture{'' if images == 1 else 's'} "
+            f"(every {preview.get('every_steps', '?')} steps), **{preview.get('ms_per_step', 0.0):.3f} ms per step**")
     if "share_of_step" in preview:
         line += f" ({100 * preview['share_of_step']:.2f} % of a step)"
     if "fit_seconds" in preview:

@@ -95,12 +95,14 @@ def test_a_separate_vae_decodes_and_is_named_in_the_png(models, tmp_path):
         request = GenerationRequest(prompt="a cat", seed=5, steps=2, width=64, height=64)
         stages: list[str] = []
         own = session.generate(request, out_path=tmp_path / "own.png")
-        info = session.load_model(str(models / "tiny-single.safetensors"), vae=str(models / "vae" / "bright-vae.safetensors"),
+        info = session.load_model(str(models / "tiny-single.safetensors"),
+                                  vae=str(models / "vae" / "bright-vae.safetensors"),
                                   on_progress=lambda stage, fraction: stages.append(stage))
         assert info.vae_name == "bright-vae.safetensors" and session.settings.vae.endswith("bright-vae.safetensors")
         assert stages[0] == "read" and {"vae", "hash", "place", "preview"} <= set(stages)
         bright = session.generate(request, out_path=tmp_path / "bright.png")
-        lift = np.asarray(Image.open(bright.paths[0]), float).mean() - np.asarray(Image.open(own.paths[0]), float).mean()
+        pixels = [np.asarray(Image.open(result.paths[0]), float) for result in (bright, own)]
+        lift = pixels[0].mean() - pixels[1].mean()
         assert lift > 20  # the changed VAE's bias really decoded this image
         assert read_png_infotext(bright.paths[0]).params["VAE"] == "bright-vae.safetensors"
         assert bright.report.model["vae"] == "bright-vae.safetensors"

@@ -205,8 +205,9 @@ def test_unusable_tiles_look_unusable_and_captions_are_read_whole(page):
 
     assert saturation(pastel) < 10 < 40 < saturation(warm)
     for caption in page.locator("#lora-browser .caption-label").all():  # no caption is cut off
-        fits = caption.evaluate("e => e.scrollWidth <= e.clientWidth + 1 && getComputedStyle(e).textOverflow != 'ellipsis'"
-                                " || getComputedStyle(e).whiteSpace == 'normal'")
+        fits = caption.evaluate("e => e.scrollWidth <= e.clientWidth + 1 && "
+                                "getComputedStyle(e).textOverflow != 'ellipsis' || "
+                                "getComputedStyle(e).whiteSpace == 'normal'")
         assert fits, caption.inner_text()
     assert "can't be used" in pastel.locator(".caption-label").inner_text()
     info = page.locator("#lora-note")
