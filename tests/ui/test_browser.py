@@ -231,7 +231,13 @@ def test_a_second_visitor_sees_the_queue_and_stop_midway_is_acknowledged_at_once
     expect(page.locator("#live-status")).to_contain_text("Generating")
 
     page.locator("#stop").click()
-    expect(page.locator("#stop-note")).to_contain_text("Stop requested", timeout=5_000)
+    # acknowledged within 5 s: the note says so, or (on a fast machine) the run has already ended and the
+    # note was cleared with it, so the summary says it stopped
+    page.wait_for_function(
+        """() => (document.querySelector('#stop-note')?.innerText || '').includes('Stop requested')
+                 || /Stopped after \\d of 4 images/.test(document.querySelector('#summary')?.innerText || '')""",
+        timeout=5_000,
+    )
     expect(page.locator("#summary")).to_contain_text(re.compile(r"Stopped after \d of 4 images"), timeout=LONG)
     expect(page.locator("#stop-note")).to_have_text("", timeout=LONG)  # the run ended: no stale "Stop requested"
     # the queued job ends as soon as its turn comes, without running
