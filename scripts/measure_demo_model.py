@@ -25,14 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studio.demo_shapes import read  # noqa: E402
-from studio.demo_vocab import TEMPLATES, all_scenes  # noqa: E402
+from studio.demo_vocab import FOLLOWED_TEMPLATES, TEMPLATES, all_scenes  # noqa: E402
 from studio.request import GenerationRequest  # noqa: E402
 from studio.session import Session  # noqa: E402
 from studio.settings import Settings  # noqa: E402
 
 
 def cases(sample: int, wordings: str, seed: int) -> list[tuple[object, int]]:
-    templates = [0] if wordings == "canonical" else list(range(len(TEMPLATES)))
+    templates = {"canonical": [0], "followed": list(FOLLOWED_TEMPLATES), "all": list(range(len(TEMPLATES)))}[wordings]
     every = [(scene, t) for scene in all_scenes() for t in templates]
     if sample and sample < len(every):
         every = random.Random(seed).sample(every, sample)
@@ -42,7 +42,7 @@ def cases(sample: int, wordings: str, seed: int) -> list[tuple[object, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
-    parser.add_argument("--wordings", default="canonical", choices=["canonical", "all"])
+    parser.add_argument("--wordings", default="canonical", choices=["canonical", "followed", "all"])
     parser.add_argument("--sample", type=int, default=0, help="a random sample of this many (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="for the sample")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -33,6 +33,7 @@ COLOURS: tuple[Colour, ...] = (
 )
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOUR_BY_NAME = {c.name: c for c in COLOURS}
+WARM_TRIGGER = "golden hour"  # the trigger words demo-kohya-warm was trained with (scripts/train_demo_loras.py)
 
 # Ways to ask for the same picture; the first is the canonical one. "{a_colour}" is the
 # colour with its article ("a red", "an orange").
@@ -42,6 +43,12 @@ TEMPLATES: tuple[str, ...] = (
     "{colour} {shape}, {background} background",
     "{a_background} background with {a_colour} {shape}",
 )
+
+
+# The wordings the model follows: trained on all four, it follows the last one (background first)
+# poorly, swapping the two colours about half the time (docs/BENCHMARKS.md), so the UI offers, and the
+# tests hold it to, the first three.
+FOLLOWED_TEMPLATES: tuple[int, ...] = (0, 1, 2)
 
 
 def with_article(word: str) -> str:
@@ -86,6 +93,6 @@ def example_prompts() -> list[str]:
     """Prompts for the UI: every colour and shape appears, the canonical wording first, then the others."""
     asks = [(Scene("red", "circle", "blue"), 0), (Scene("yellow", "triangle", "purple"), 0),
             (Scene("white", "square", "black"), 0), (Scene("orange", "circle", "green"), 1),
-            (Scene("blue", "triangle", "white"), 2), (Scene("green", "square", "yellow"), 3),
+            (Scene("blue", "triangle", "white"), 2), (Scene("green", "square", "yellow"), 2),
             (Scene("black", "circle", "orange"), 0), (Scene("purple", "square", "red"), 1)]
     return [scene.prompt(template) for scene, template in asks]

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from studio.infotext import read_png_infotext
+from tests.demo_hashes import DEMO_SHORT_HASHES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +58,7 @@ def test_jobs_file_runs_every_line_in_one_warm_session(tmp_path):
     assert Image.open(out / "0003.png").size == (128, 192)
     assert [row["name"] for row in reports[1]["lora"]["stack"]] == ["demo-kohya-warm", "demo-peft-cool"]
     assert read_png_infotext(out / "0002.png").params["Lora hashes"] == (
-        "demo-kohya-warm: 62853adc662c, demo-peft-cool: 8357708e33d5")
+        f"demo-kohya-warm: {DEMO_SHORT_HASHES['demo-kohya-warm']}, demo-peft-cool: {DEMO_SHORT_HASHES['demo-peft-cool']}")
     assert reports[2]["lora"]["unpatch"]["method"] == "restore_in_place"  # job 3 has no LoRA: taken off
 
 

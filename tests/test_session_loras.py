@@ -15,6 +15,7 @@ from studio.infotext import read_png_infotext
 from studio.paths import DEMO_LORA_DIR
 from studio.request import GenerationRequest
 from studio.jobs import CancelToken
+from tests.demo_hashes import DEMO_SHORT_HASHES
 
 KOHYA, PEFT, LOCON = "demo-kohya-warm", "demo-peft-cool", "demo-locon-grain"
 
@@ -59,7 +60,7 @@ def test_lora_changes_the_image_and_clearing_restores_it_exactly(clean, tmp_path
     assert all(name.startswith("lora") for name in with_lora.report.phases
                if name not in {"text_encode", "denoise", "vae_decode", "save", "total"})
     info = read_png_infotext(with_lora.paths[0])
-    assert info.params["Lora hashes"] == f"{KOHYA}: 62853adc662c"
+    assert info.params["Lora hashes"] == f"{KOHYA}: {DEMO_SHORT_HASHES[KOHYA]}"
     assert info.to_request().loras == ((KOHYA, 1.0),)
 
 

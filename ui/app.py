@@ -12,9 +12,10 @@ import logging
 
 import gradio as gr
 
+from studio.demo_vocab import COLOURS, SHAPES, WARM_TRIGGER, example_prompts
 from studio.session import Session
 from ui.access import ServerInfo, is_local, owner_of
-from ui.generate_tab import GPU, build_generate_tab, wire_generate_tab
+from ui.generate_tab import GPU, build_generate_tab, runs_demo, wire_generate_tab
 from ui.history_tab import build_history_tab, wire_history_tab
 from ui.model_picker import build_model_picker, wire_model_picker
 from ui.png_info import build_png_info_tab, wire_png_info
@@ -28,8 +29,14 @@ _MB = 1024 * 1024
 TICK_SECONDS = 1.0
 READY = " · ready"  # the model line's marker that the page load has happened (tests wait for it)
 
-DEMO_NOTICE = ("Running the **built-in demo model**: a tiny SDXL with random weights. Its images are "
-               "noise by nature; point the app at a real SDXL checkpoint with `--model` for pictures.")
+def demo_notice() -> str:
+    """What the built-in demo model knows, from its vocabulary (studio.demo_vocab), so a newcomer knows what to ask."""
+    colours = ", ".join(c.name for c in COLOURS)
+    return (f"Running the **built-in demo model**: a tiny SDXL trained to draw one shape on a plain background. "
+            f"It knows the colours {colours} and the shapes {', '.join(SHAPES)}; ask for "
+            f"*“{example_prompts()[0]}”*. Its LoRAs: `demo-kohya-warm` warms the colours (more with the "
+            f"trigger words *{WARM_TRIGGER}*), `demo-peft-cool` cools them, `demo-locon-grain` adds grain. "
+            "For anything else, point the app at a real SDXL checkpoint (`--model`, or the model picker).")
 
 
 def queued_jobs(app: gr.Blocks) -> int | None:
@@ -67,8 +74,8 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
     server = server or ServerInfo()
     with gr.Blocks(title="LoRA Studio") as app:
         gr.Markdown("# LoRA Studio")
-        if session.model is None or session.model.source.is_demo:
-            gr.Markdown(DEMO_NOTICE, elem_id="demo-notice")
+        if runs_demo(session):
+            gr.Markdown(demo_notice(), elem_id="demo-notice")
         with gr.Row():
             model_line = gr.Markdown("Loading…", elem_id="model-line")
             live_status = gr.Markdown("Connecting…", elem_id="live-status")

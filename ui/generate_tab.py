@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
+from studio.demo_vocab import example_prompts
 from studio.errors import Cancelled, SettingsError
 from studio.request import MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_STEP, GenerationRequest
 from studio.samplers import SAMPLERS
@@ -109,14 +110,25 @@ class GenerateTab:
     loras: LoraPanel
 
 
+def runs_demo(session: Session) -> bool:
+    """Whether the built-in demo model is (or, before the first load, will be) the one generating."""
+    return session.model.source.is_demo if session.model is not None else not session.settings.model
+
+
 def build_generate_tab(session: Session) -> GenerateTab:
     """Lay out the controls (call inside a gr.Tab); events are wired by wire_generate_tab."""
     settings, native = session.settings, session.native_size
     presets = size_presets(native)
     with gr.Row():
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="a cat in a hat",
+            examples = example_prompts() if runs_demo(session) else []
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                placeholder=examples[0] if examples else "a cat in a hat",
                                 info="`<lora:name:weight>` tags follow the LoRA stack below, and the other way round")
+            if examples:  # what the demo model knows how to draw (studio.demo_vocab)
+                gr.Examples([[text] for text in examples], inputs=[prompt], label="The demo model draws these",
+                            cache_examples=False, elem_id="demo-examples", examples_per_page=len(examples),
+                            api_visibility="private")
             negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
             with gr.Row(equal_height=True):
                 seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, maximum=MAX_SEED,

@@ -30,7 +30,7 @@ from ui.errors import engine_call
 log = logging.getLogger(__name__)
 DEMO = ""  # the built-in demo model's value in the dropdown (an empty `model` setting)
 OWN_VAE = ""  # "the model's own VAE"
-DEMO_LABEL = "built-in demo model (tiny SDXL, random weights)"
+DEMO_LABEL = "built-in demo model (tiny SDXL that draws shapes)"
 OWN_VAE_LABEL = "the model's own VAE"
 
 

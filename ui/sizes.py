@@ -1,6 +1,6 @@
 """Size presets: SDXL's training buckets (about one megapixel), scaled for smaller models.
 
-The tiny demo model is native at 256, so its presets are the same shapes at a quarter
+The tiny demo model is native at 128, so its presets are the same shapes at an eighth
 of the side length (all still multiples of 8); the full SDXL buckets stay on offer.
 """
 

@@ -14,17 +14,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from studio.demo_vocab import WARM_TRIGGER
 from studio.lora import writers
 from studio.lora.keymap import tiny_index
 from studio.lora.reader import inspect_lora, read_lora
 from studio.paths import DEMO_LORA_DIR
+from tests.demo_hashes import DEMO_SHORT_HASHES
 
-# name: (format, layers, A1111 short hash). A hash change means the shipped files changed:
-# PNG infotext written with the old files would no longer point at them.
+# name: (format, layers, A1111 short hash).
 DEMOS = {
-    "demo-kohya-warm": ("kohya", 216, "HASH_WARM"),
-    "demo-peft-cool": ("peft", 152, "HASH_COOL"),
-    "demo-locon-grain": ("locon", 281, "HASH_GRAIN"),
+    "demo-kohya-warm": ("kohya", 216, DEMO_SHORT_HASHES["demo-kohya-warm"]),
+    "demo-peft-cool": ("peft", 152, DEMO_SHORT_HASHES["demo-peft-cool"]),
+    "demo-locon-grain": ("locon", 281, DEMO_SHORT_HASHES["demo-locon-grain"]),
 }
 
 
@@ -61,9 +62,9 @@ def test_shipped_files_are_byte_for_byte_what_our_writer_writes(name):
 
 def test_kohya_demo_metadata_for_the_browser():
     info = inspect_lora(_path("demo-kohya-warm"))
-    assert info.trigger_words == ["golden hour"]  # taught by training (tests/test_demo_model.py)
+    assert info.trigger_words == [WARM_TRIGGER]  # taught by training (tests/test_demo_model.py)
     tags = json.loads(info.metadata["ss_tag_frequency"])
-    assert list(tags.values())[0]["golden hour"] > 0  # how many training captions carried it
+    assert list(tags.values())[0][WARM_TRIGGER] > 0  # how many training captions carried it
     assert info.thumbnail is not None and info.thumbnail[0] == "image/png"
     assert info.thumbnail[1].startswith(b"\x89PNG\r\n\x1a\n")
     assert info.metadata["ss_base_model_version"] == "sdxl_base_v1-0"

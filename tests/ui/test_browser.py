@@ -43,9 +43,15 @@ def page(browser, app_url):
 def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     from playwright.sync_api import expect
 
-    expect(page.locator("#demo-notice")).to_contain_text("built-in demo model")
+    notice = page.locator("#demo-notice")
+    expect(notice).to_contain_text("built-in demo model")
+    expect(notice).to_contain_text("red, green, blue, yellow, white, black, purple, orange")  # what it knows
+    expect(notice).to_contain_text("circle, square, triangle")
     expect(page.locator("#live-status")).to_contain_text("Idle")
-    page.locator("#prompt textarea").fill("a lighthouse at dusk")
+    examples = page.locator("#demo-examples")
+    expect(examples).to_contain_text("a yellow triangle on a purple background")
+    examples.get_by_text("a red circle on a blue background", exact=True).click()  # an example fills the prompt
+    expect(page.locator("#prompt textarea")).to_have_value("a red circle on a blue background")
     page.locator("#seed input").fill("11")
     set_number(page, "#steps input[type=number]", "4")
     set_number(page, "#batch-count input[type=number]", "2")

@@ -9,13 +9,14 @@ import pytest
 from gradio_client import Client
 
 from studio.infotext import read_png_infotext
+from tests.demo_hashes import DEMO_SHORT_HASHES
 from ui.generate_tab import GenerateForm
 from ui.lora_sync import prompt_from_rows, rows_from_prompt
 from ui.png_info import restorable
 from ui.server import launch_app
 
 WARM = "demo-kohya-warm"
-WARM_HASH = "62853adc662c"
+WARM_HASH = DEMO_SHORT_HASHES[WARM]
 
 
 def _row(name: str, weight: float, enabled: bool = True) -> dict:
