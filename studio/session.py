@@ -164,7 +164,8 @@ class Session:
         with self._slot.job(token):
             token.raise_if_cancelled()  # stopped while waiting in line
             # Outside every phase and lock, so they unwind (weights back at rest) before it frees memory.
-            with oom_guard(self._warm.cache if self._warm else None, "the generation"):
+            # A callable: a cold start creates the cache inside the guard, and an OOM then must free it.
+            with oom_guard(lambda: self._warm.cache if self._warm else None, "the generation"):
                 result = self._generate_locked(job, on_step, token, out_path)
             self.history.append(result.report)
         return result
