@@ -12,7 +12,7 @@ Rules (DESIGN.md 4), each learned from a peer's bug:
   nothing, a moved slider recomputes only that LoRA's tensors.
 - Transactional: everything is checked before any write; a failure half way rewrites each
   tensor the call touched to its previous state (from pristine, so bit-exact) and is raised
-  as one LoraError or OutOfMemory.
+  as OutOfMemory when memory ran out, else as itself (a bug keeps its traceback).
 - `unpatch_lora_by_vram_offload` (InvokeAI PR #6439 review, "Option 2"): drop the live tensor
   instead of copying pristine into it, and reload from pristine right before the next forward.
   The dropped tensor is an expanded NaN scalar (right shape, dtype, device; no memory; writes
@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from studio.choices import LoraMode
 from studio.dtypes import FP8_DTYPES
-from studio.errors import LoraError, OutOfMemory
+from studio.errors import LoraError, OutOfMemory, StudioError
 from studio.lora.base import LoraFile
 from studio.lora.merge import check_patch, merge_rows_cpu, merged_value
 from studio.lora.sidecar import (Entry, MergeBlocker, SidecarSet, check_sidecar_module, compute_dtype_for,
@@ -467,10 +467,16 @@ class LoraPatcher:
 
 
 def _reraise(err: BaseException) -> None:
-    """Raise one LoraError or OutOfMemory for the user; other BaseExceptions (Ctrl-C) pass unchanged."""
-    if isinstance(err, (LoraError, OutOfMemory)) or not isinstance(err, Exception):
-        raise err
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower():
+    """Raise what the user should see, after the rollback: OutOfMemory for an out-of-memory error
+    (by its type: torch's and the host's), the error itself for everything else.
+
+    Bad input is refused as a LoraError before any write (`_plan`, `check_patch`), so anything
+    else that arrives here is a bug: it keeps its type and traceback (a note says the weights were
+    restored) instead of passing for a bad LoRA file. An error whose text merely says "out of
+    memory" is not taken for one (issue 11, item 12).
+    """
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         raise OutOfMemory(f"out of memory while applying LoRAs; the weights were restored ({err})") from err
-    raise LoraError(f"applying the LoRA stack failed; the weights were restored ({type(err).__name__}: {err})") \
-        from err
+    if isinstance(err, Exception) and not isinstance(err, StudioError):
+        err.add_note("LoRA Studio: the patcher rolled back; the weights are as they were before this apply")
+    raise err
