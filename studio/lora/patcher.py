@@ -450,20 +450,33 @@ class LoraPatcher:
 
     def _rollback(self, journal: list[tuple[SlotKey, list[Entry], bool]],
                   car_journal: list[tuple[tuple[str, str], list[Entry]]]) -> None:
-        """Put back what this call changed, newest first; recomputing from pristine is bit-exact."""
+        """Put back what this call changed, newest first; recomputing from pristine is bit-exact.
+
+        Every entry is tried even when one fails (issue 11): a tensor that cannot be recomputed
+        goes back to pristine; one that cannot even be restored is logged and marked unknown, so
+        the next apply rewrites it; the rest of the rollback runs either way.
+        """
         scratch = PatchStats()
         for key, entries, was_dropped in reversed(journal):
+            slot = self._slots[key]
             try:
-                self._write(key, self._slots[key], entries, was_dropped, scratch)
+                self._write(key, slot, entries, was_dropped, scratch)
             except Exception:  # noqa: BLE001 - cannot recompute (OOM): pristine is the honest fallback
                 log.exception("LoRA rollback of %s failed; restoring it to pristine", key)
-                self._write(key, self._slots[key], [], False, scratch)
+                try:
+                    self._write(key, slot, [], False, scratch)
+                except Exception:  # noqa: BLE001 - keep going: the other tensors must still be put back
+                    log.exception("LoRA rollback could not restore %s either; the next apply rewrites it", key)
+                    slot.stamp = None  # its signature no longer matches anything: never skipped
         for key, entries in reversed(car_journal):
             try:
                 self._set_sidecar(key, entries)
             except Exception:  # noqa: BLE001
                 log.exception("LoRA rollback of sidecar %s failed; removing it", key)
-                self._set_sidecar(key, [])
+                try:
+                    self._set_sidecar(key, [])
+                except Exception:  # noqa: BLE001
+                    log.exception("LoRA rollback could not remove sidecar %s", key)
 
 
 def _reraise(err: BaseException) -> None:

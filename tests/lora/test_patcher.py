@@ -151,6 +151,33 @@ def test_failure_in_offload_mode_restores_dropped_state(comps, loras):
         assert pf.mismatches(comps, pristine) == []
 
 
+def test_a_failed_rollback_write_does_not_skip_the_rest_of_the_rollback(comps, loras):
+    """The newest tensor cannot be put back at all: every other one still is (issue 11, item 12)."""
+    a, b = loras["A"], loras["B"]
+    pristine = pf.snapshot(comps)
+    with LoraPatcher(comps) as patcher:
+        patcher.apply([(a, 1.0)])
+        before = pf.snapshot(comps)
+        stuck = ("text_encoder_2", "text_projection", "weight")  # written last, so rolled back first
+        bad = pf.make_lora("bad", [pf.FailingPatch(*stuck[:2])])
+        rolling_back = []
+        real_write, real_rollback = patcher._write, patcher._rollback
+
+        def write(key, *args):
+            if rolling_back and key == stuck:
+                raise RuntimeError("this tensor cannot be written now")
+            return real_write(key, *args)
+
+        patcher._write = write
+        patcher._rollback = lambda *args: (rolling_back.append(1), real_rollback(*args))[1]
+        with pytest.raises(RuntimeError, match="injected failure"):  # the cause, not the rollback's trouble
+            patcher.apply([(a, 0.3), (b, 1.0), (bad, 1.0)])
+        del patcher._write, patcher._rollback
+        assert pf.mismatches(comps, before) == []
+        patcher.apply([(b, 1.0)])
+        assert pf.mismatches(comps, pf.expected_state(pristine, [(b, 1.0)])) == []
+
+
 def bad_shape_lora(comps):
     gen = torch.Generator().manual_seed(0)
     p = pf.make_lowrank(comps, "unet", "conv_in", 2, gen)
