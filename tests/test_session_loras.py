@@ -116,6 +116,28 @@ def test_offload_toggle_gives_identical_images_and_reports_its_path(clean, tmp_p
     assert set(clean.loras.unpatch_costs) == {"restore_in_place", "drop_and_reload"}
 
 
+def test_the_report_names_the_unpatch_path_that_ran_when_the_setting_changes_mid_generation(clean, tmp_path,
+                                                                                            monkeypatch):
+    """The toggle applies now: flipped after the text encoders were restored in place, the UNet is
+    dropped and reloaded; the report names both, not the setting's value at the end (issue 11)."""
+    from studio.phases import Phase
+
+    clean.generate(_req(loras=[(KOHYA, 1.0)]), out_path=tmp_path / "a.png")
+    text_patcher = clean.loras.patcher(Phase.TEXT_ENCODE)
+    real_apply = text_patcher.apply
+
+    def apply_then_flip(stack):
+        stats = real_apply(stack)
+        clean.apply_settings(clean.settings.replace(unpatch_lora_by_vram_offload=True))
+        return stats
+
+    monkeypatch.setattr(text_patcher, "apply", apply_then_flip)
+    clean.loras.unpatch_costs.clear()
+    off = clean.generate(_req(), out_path=tmp_path / "off.png")
+    assert off.report.lora["unpatch"]["method"] == "restore_in_place + drop_and_reload"
+    assert clean.loras.unpatch_costs == {}  # a mixed switch measures neither path alone
+
+
 ACTIONS = st.lists(st.tuples(st.sampled_from(["gen", "cancel", "toggle"]),
                              st.lists(st.tuples(st.sampled_from([KOHYA, PEFT, LOCON]),
                                                 st.sampled_from([-0.5, 0.3, 1.0])), max_size=3)),

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -65,6 +65,7 @@ class AppliedStack:
     total: PatchStats
     reload: PatchStats
     switch_seconds: float = 0.0
+    unpatch_methods: list[UnpatchPath] = field(default_factory=list)  # what took LoRAs off, in order
 
     def apply(self, phase: Phase) -> None:
         patcher = self.engine.patcher(phase)
@@ -75,6 +76,8 @@ class AppliedStack:
         with self.timer.phase("lora_patch"):
             stats = patcher.apply(stack)
         _add(self.total, stats)
+        if stats.tensors_restored and stats.unpatch_path not in self.unpatch_methods:
+            self.unpatch_methods.append(stats.unpatch_path)
         if patcher.settings.unpatch_lora_by_vram_offload and stats.tensors_restored:
             # Dropped weights reload from the pristine copy here rather than in the first forward's
             # hook, so their cost is a phase of its own in the report.
@@ -84,14 +87,20 @@ class AppliedStack:
             self.switch_seconds += time.perf_counter() - start  # restore and re-patch: one pass per tensor
         self._summarise()
 
+    def record_cost(self) -> None:
+        """Once the job's phases have run: what its stack change cost, under the one path that ran
+        (a mixed switch's cost belongs to neither path alone)."""
+        if self.total.tensors_restored and len(self.unpatch_methods) == 1:
+            self.engine.unpatch_costs[self.unpatch_methods[0].value] = self.switch_seconds
+
     def _summarise(self) -> None:
         self.report["patch"] = _stats_dict(self.total)
         if self.reload.tensors_touched:
             self.report["reload"] = _stats_dict(self.reload)
         if self.total.tensors_restored:
-            method = (UnpatchPath.OFFLOAD if self.engine.settings.unpatch_lora_by_vram_offload
-                      else UnpatchPath.RESTORE).value
-            self.engine.unpatch_costs[method] = self.switch_seconds
+            # The path(s) that ran, from the patchers' own stats: the setting may have changed since
+            # (it applies now, between phases), and then each phase ran the one it had (issue 11).
+            method = " + ".join(path.value for path in self.unpatch_methods)
             self.report["unpatch"] = {"method": method, "tensors": self.total.tensors_restored,
                                       "switch_seconds": round(self.switch_seconds, 5)}
 
@@ -188,6 +197,7 @@ class LoraEngine:
             try:
                 yield applied
             finally:
+                applied.record_cost()
                 report["cache"] = {"bytes": self.cache.bytes_used, "entries": len(self.cache),
                                    "budget_bytes": self.cache.byte_budget, **asdict(self.cache.stats)}
 
