@@ -17,7 +17,7 @@ import gradio as gr
 
 from studio.errors import SettingsError
 from studio.session import Session
-from studio.settings import Applies, Settings, field_names, load_settings, save_settings, to_dict
+from studio.settings import Applies, Settings, SettingsFile, field_names, read_settings, save_settings, to_dict
 from ui.access import ServerInfo, is_local
 from ui.errors import engine_call
 from ui.pref_fields import APPLIES_BADGE, from_widget, info_for, make_widget, sections, shown, to_widget
@@ -52,24 +52,32 @@ class Change:
         return f"**{info_for(self.name).label}**: {old} → {new} ({APPLIES_BADGE[self.applies]})"
 
 
+def saved_file(session: Session) -> SettingsFile:
+    """What the settings file holds (defaults when there is none yet), and which values fell back."""
+    return read_settings(session.dirs.settings_file, warn=False)  # warned once, at start
+
+
 def saved_settings(session: Session) -> Settings:
-    """What the settings file holds (defaults when there is none yet)."""
-    return load_settings(session.dirs.settings_file)
+    return saved_file(session).settings
 
 
-def commit(session: Session, new: Settings) -> list[Change]:
+def commit(session: Session, new: Settings, touched: set[str]) -> list[Change]:
     """Apply what changed (except restart-only fields) to the session, then write the file.
 
     The session goes first: apply_settings raises before changing anything, so a value
-    the engine refuses (cuda without a GPU) is never saved either.
+    the engine refuses (cuda without a GPU) is never saved either. A value of the file that
+    fell back to its default is written back as it was unless `touched` names its field: a
+    Save never writes a default the user did not choose (issue 11).
     """
-    old = saved_settings(session)
+    file = saved_file(session)
+    old = file.settings
+    keep_raw = {name: fallback.raw for name, fallback in file.fallbacks.items() if name not in touched}
     changes = [Change(n, getattr(old, n), getattr(new, n)) for n in field_names() if getattr(old, n) != getattr(new, n)]
     live = {c.name: to_dict(new)[c.name] for c in changes if c.applies is not Applies.RESTART}
     if live:
         session.apply_settings(session.settings.replace(**live))
     try:
-        save_settings(new, session.dirs.settings_file)
+        save_settings(new, session.dirs.settings_file, keep_raw=keep_raw)
     except OSError as err:
         raise SettingsError(f"could not write {session.dirs.settings_file} ({err.strerror or err})") from None
     return changes
@@ -83,13 +91,27 @@ def save_changes(session: Session, server: ServerInfo, changes: dict[str, Any],
         unknown = sorted(set(changes) - set(field_names()))
         if unknown:
             raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
-        return commit(session, saved_settings(session).replace(**changes))
+        return commit(session, saved_settings(session).replace(**changes), touched=set(changes))
 
 
 def reset_to_defaults(session: Session, server: ServerInfo, request: gr.Request | None) -> list[Change]:
     _require_local(server, request)
     with engine_call():
-        return commit(session, Settings(extra=saved_settings(session).extra))
+        return commit(session, Settings(extra=saved_settings(session).extra), touched=set(field_names()))
+
+
+def edited(saved: Settings, values: dict[str, Any]) -> dict[str, Any]:
+    """The panel sends every widget: keep the fields whose value differs from the file's (a value
+    that cannot be read counts as edited, so Save names what is wrong with it)."""
+    out = {}
+    for name, value in values.items():
+        try:
+            same = getattr(saved.replace(**{name: value}), name) == getattr(saved, name)
+        except SettingsError:
+            same = False
+        if not same:
+            out[name] = value
+    return out
 
 
 def _require_local(server: ServerInfo, request: gr.Request | None) -> None:
@@ -144,11 +166,15 @@ def build_preferences(session: Session) -> PreferencesPanel:
 def panel_values(panel: PreferencesPanel, session: Session, server: ServerInfo, request: gr.Request | None) -> dict:
     """Every widget from the settings file; read-only for remote visitors. Used on page load and after Save."""
     local = is_local(request, server)
-    saved = saved_settings(session)
+    file = saved_file(session)
+    saved = file.settings
     out: dict = {widget: gr.update(value=shown(name, to_widget(getattr(saved, name)), local), interactive=local)
                  for name, widget in panel.widgets.items()}
     where = f"Loaded from `{session.dirs.settings_file}`." if local else READ_ONLY_NOTE
     extra = running_differences(session, saved) if local else ""
+    if local and file.fallbacks:
+        extra = "\n\n".join(filter(None, [extra, "⚠ Not used from the file (fix them here, or in the file): "
+                                             + "; ".join(file.warnings()) + "."]))
     out[panel.note] = where + (f"\n\n{extra}" if extra else "")
     out[panel.unpatch_costs] = render_unpatch_costs(list(session.history))
     out[panel.save] = gr.update(interactive=local)
@@ -162,7 +188,7 @@ def wire_preferences(panel: PreferencesPanel, session: Session, server: ServerIn
 
     def save_panel(values: dict, request: gr.Request) -> dict:
         changes = {by_widget[w]: from_widget(by_widget[w], v) for w, v in values.items() if w in by_widget}
-        done = save_changes(session, server, changes, request)
+        done = save_changes(session, server, edited(saved_settings(session), changes), request)
         return {**panel_values(panel, session, server, request), panel.result: report_changes(done, "Saved")}
 
     def reset_panel(request: gr.Request) -> dict:

@@ -52,6 +52,22 @@ def test_invalid_values_are_refused_and_nothing_is_saved(prefs, changes, message
     assert session.dirs.settings_file.read_bytes() == before and session.settings == running
 
 
+def test_a_bad_value_in_the_file_falls_back_alone_and_a_save_keeps_what_the_user_wrote(prefs):
+    """default_steps = 0 by hand: only it falls back; the next Save writes neither defaults for the
+    other numbers nor one for it (issue 11, item 4)."""
+    session, client = prefs
+    session.dirs.settings_file.write_text("default_steps = 0\nlora_cache_mb = 512\nport = 7999\n")
+    shown = client.predict(api_name="/preferences")
+    assert shown["default_steps"]["value"] == 20 and shown["lora_cache_mb"]["value"] == 512
+    result = client.predict({"default_cfg": 6.0}, api_name="/save_preferences")
+    assert list(result["changed"]) == ["default_cfg"]
+    text = session.dirs.settings_file.read_text()
+    assert "lora_cache_mb = 512" in text and "port = 7999" in text and "default_cfg = 6.0" in text
+    assert "default_steps = 0" in text  # the user's own line, untouched until they change that field
+    client.predict({"default_steps": 25}, api_name="/save_preferences")
+    assert load_settings(session.dirs.settings_file).default_steps == 25
+
+
 def test_reset_puts_defaults_back_and_says_what_changed(prefs):
     session, client = prefs
     client.predict({"default_steps": 9, "share": True}, api_name="/save_preferences")
