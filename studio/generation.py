@@ -22,6 +22,7 @@ from studio.lora.engine import AppliedStack, LoraEngine
 from studio.lora.stack import StackItem
 from studio.models.memory_report import MemoryWatch
 from studio.models.vae_decode import decode_latents, plan_decode
+from studio.outputs import OutputFolder
 from studio.phases import Phase
 from studio.report import PhaseTimer, Report
 from studio.request import GenerationRequest
@@ -54,10 +55,11 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
 
 
-def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *, timer: PhaseTimer, started: float,
-             token: CancelToken, on_step: StepCallback | None = None,
+def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out: Path | OutputFolder, *, timer: PhaseTimer,
+             started: float, token: CancelToken, on_step: StepCallback | None = None,
              decode_memory: DecodeMemory = DecodeMemory()) -> GenerationResult:
-    """Run `job` to a saved PNG at `out_path` and its report. Raises Cancelled, OutOfMemory, LoraError."""
+    """Run `job` to a saved PNG and its report: at the path `out`, or under the next free number of the
+    outputs folder (created exclusively when the image is saved). Raises Cancelled, OutOfMemory, LoraError."""
     request = job.request  # its seed is concrete: the caller chose the file name from it
     width, height = request.width or warm.native_size, request.height or warm.native_size
     report = Report(request=request.to_dict() | {"width": width, "height": height}, model=warm.info.to_dict(),
@@ -73,7 +75,11 @@ def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *,
                 infotext = format_infotext(request, width=width, height=height, model_name=warm.info.source.name,
                                            model_hash=warm.info.short_hash, lora_hashes=hashes,
                                            version=f"lora-studio {__version__}")
-                save_png(image, out_path, infotext)
+                if isinstance(out, OutputFolder):
+                    out_path = out.save(request.seed, lambda fh: save_png(image, fh, infotext))
+                else:
+                    out_path = out
+                    save_png(image, out_path, infotext)
         except Cancelled:
             report.status = "cancelled"
             raise

@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 
@@ -104,11 +105,13 @@ def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return re.sub(r"[ \t]{2,}", " ", text).strip(), loras
 
 
-def save_png(image: Image.Image, path: Path, infotext: str) -> None:
-    """Write the PNG with its `parameters` chunk (deterministic bytes for the same pixels/text)."""
+def save_png(image: Image.Image, path: Path | BinaryIO, infotext: str) -> None:
+    """Write the PNG with its `parameters` chunk (deterministic bytes for the same pixels/text), to a
+    path or into an open file (the outputs folder creates its files exclusively)."""
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, infotext)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG", pnginfo=info)
 
 

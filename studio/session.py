@@ -8,6 +8,7 @@ and the settings; one generation itself is `studio.generation`'s, one phase step
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import replace
@@ -24,7 +25,7 @@ from studio.memory import release_freed_memory, rss_bytes
 from studio.models.architectures import SDXL_DEFAULT_SIZE
 from studio.models.budget import Budgets, measure_budgets, oom_guard
 from studio.models.loader import resolve_source
-from studio.outputs import next_output_path
+from studio.outputs import OutputFolder, choose_outputs
 from studio.paths import AppDirs, app_dirs
 from studio.phases import Phase
 from studio.report import PhaseTimer, Report
@@ -48,6 +49,26 @@ class Session:
         self.history: deque[Report] = deque(maxlen=200)  # this session's reports, oldest first
         self.loras = LoraEngine(self.settings.lora_cache_mb,
                                 patcher_settings(self.settings.lora_mode, self.settings.unpatch_lora_by_vram_offload))
+        # What the person at this computer should know about this run (a setting that fell back):
+        # logged when it happens, and shown on the status line to local visitors only (paths).
+        self.notices: list[str] = []
+        self._outputs: Path | None = None
+        self._outputs_lock = threading.Lock()
+
+    @property
+    def outputs(self) -> Path:
+        """The folder images are saved in, chosen (and created) once: `outputs_dir` needs a restart.
+
+        A refused or uncreatable `outputs_dir` falls back to the default folder with a notice.
+        """
+        with self._outputs_lock:
+            if self._outputs is None:
+                s = self.settings
+                self._outputs, notice = choose_outputs(s.outputs_dir, self.dirs, model=s.model,
+                                                       lora_dirs=s.lora_dirs)
+                if notice:
+                    self.notices.append(notice)
+            return self._outputs
 
     # ---- settings ------------------------------------------------------------------------
 
@@ -136,7 +157,7 @@ class Session:
         slot = self._slot.status()
         model = self.model
         status = {"busy": slot.busy, "waiting": slot.waiting, "progress": slot.progress,
-                  "model": model.to_dict() if model else None, "rss": rss_bytes()}
+                  "model": model.to_dict() if model else None, "rss": rss_bytes(), "notices": list(self.notices)}
         if self.runtime.device.type == "cuda":
             status["cuda_allocated"] = torch.cuda.memory_allocated(self.runtime.device)
             status["cuda_reserved"] = torch.cuda.memory_reserved(self.runtime.device)
@@ -178,8 +199,7 @@ class Session:
                 self._ensure_model()
         warm = self._warm
         job = replace(job, request=job.request.with_seed())
-        root = Path(self.settings.outputs_dir).expanduser() if self.settings.outputs_dir else self.dirs.default_outputs
-        path = Path(out_path) if out_path is not None else next_output_path(root, job.request.seed)
+        target = Path(out_path) if out_path is not None else OutputFolder(self.outputs)
         budgets = self._budgets() if self.runtime.device.type == "cuda" else None
         memory = DecodeMemory(self.settings.working_memory_mb, budgets.working if budgets else 0)
 
@@ -188,7 +208,7 @@ class Session:
             if on_step is not None:
                 on_step(event)
 
-        return generate(warm, self.loras, job, path, timer=timer, started=started, token=token, on_step=step,
+        return generate(warm, self.loras, job, target, timer=timer, started=started, token=token, on_step=step,
                         decode_memory=memory)
 
     def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None):

@@ -279,5 +279,18 @@ def save_settings(settings: Settings, path: Path, keep_raw: dict[str, Any] | Non
         raise
 
 
+def remove_temp_leftovers(path: Path) -> list[Path]:
+    """Delete the atomic write's temp files beside `path` that a killed save left behind (they hold the
+    whole file, password included); returns what was removed. Call it at start, before any save."""
+    removed = []
+    for leftover in path.parent.glob(f"{TEMP_PREFIX}*.toml"):
+        try:
+            leftover.unlink()
+            removed.append(leftover)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Settings) if f.name != "extra"]

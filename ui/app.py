@@ -36,7 +36,9 @@ def queued_jobs(app: gr.Blocks) -> int | None:
         return None
 
 
-def status_line(status: dict, queued: int | None) -> str:
+def status_line(status: dict, queued: int | None, local: bool = True) -> str:
+    """Busy or idle, the queue, memory; for the person at this computer also what fell back at start
+    (a notice names local paths, so a visitor through the public link never sees one)."""
     parts = ["● **Generating**" if status.get("busy") else "○ **Idle**"]
     if queued:
         parts.append(f"{queued} in the queue")
@@ -45,7 +47,9 @@ def status_line(status: dict, queued: int | None) -> str:
     parts.append(f"RAM {status.get('rss', 0) / _MB:,.0f} MB")
     if "cuda_allocated" in status:
         parts.append(f"VRAM {status['cuda_allocated'] / _MB:,.0f} MB")
-    return " · ".join(parts)
+    line = " · ".join(parts)
+    notices = status.get("notices") if local else None
+    return line + "".join(f"\n\n⚠ {notice}" for notice in notices or ())
 
 
 def model_text(session: Session) -> str:
@@ -91,8 +95,9 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
 
         def tick(request: gr.Request) -> tuple[str, str, str]:
             status = session.status()
-            public = server.public.describe(server.credentials, is_local(request, server))
-            return status_line(status, queued_jobs(app)), public, live_memory_text(status)
+            local = is_local(request, server)
+            public = server.public.describe(server.credentials, local)
+            return status_line(status, queued_jobs(app), local), public, live_memory_text(status)
 
         timer = gr.Timer(TICK_SECONDS)
         timer.tick(tick, None, [live_status, public_line, report.live_memory], **quiet)
@@ -114,8 +119,10 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
             """Busy or idle, jobs queued and waiting, memory in bytes, and the public link's state."""
             local = is_local(request, server)
             data = session.status()
-            if not local and data.get("model"):
-                data["model"] = {k: v for k, v in data["model"].items() if k != "location"}
+            if not local:  # no local paths for a visitor through the public link
+                data["notices"] = []
+                if data.get("model"):
+                    data["model"] = {k: v for k, v in data["model"].items() if k != "location"}
             return {**data, "queued": queued_jobs(app), "public_link": server.public.state.value,
                     "public_url": server.public.url}
 

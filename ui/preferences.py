@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from studio.errors import SettingsError
+from studio.outputs import check_outputs_dir
 from studio.session import Session
 from studio.settings import Applies, Settings, SettingsFile, field_names, read_settings, save_settings, to_dict
 from ui.access import ServerInfo, is_local
@@ -73,6 +74,9 @@ def commit(session: Session, new: Settings, touched: set[str]) -> list[Change]:
     old = file.settings
     keep_raw = {name: fallback.raw for name, fallback in file.fallbacks.items() if name not in touched}
     changes = [Change(n, getattr(old, n), getattr(new, n)) for n in field_names() if getattr(old, n) != getattr(new, n)]
+    if {"outputs_dir", "lora_dirs", "model"} & {c.name for c in changes}:
+        # the outputs folder is served to every visitor: a folder of its own (studio/outputs.py)
+        check_outputs_dir(new.outputs_dir, session.dirs, model=new.model, lora_dirs=new.lora_dirs)
     live = {c.name: to_dict(new)[c.name] for c in changes if c.applies is not Applies.RESTART}
     if live:
         session.apply_settings(session.settings.replace(**live))

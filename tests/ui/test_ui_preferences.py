@@ -68,6 +68,21 @@ def test_a_bad_value_in_the_file_falls_back_alone_and_a_save_keeps_what_the_user
     assert load_settings(session.dirs.settings_file).default_steps == 25
 
 
+@pytest.mark.parametrize("pick, why", [(lambda dirs: "/", "it is the filesystem root"),
+                                       (lambda dirs: "~", "it is your home folder"),
+                                       (lambda dirs: str(dirs.config), "it is the config folder"),
+                                       (lambda dirs: str(dirs.config.parent), "it holds the config folder")])
+def test_an_outputs_folder_that_would_serve_other_files_is_refused_at_save(prefs, pick, why):
+    """The outputs folder is served: `/` would serve /etc/passwd (issue 11, item 2)."""
+    session, client = prefs
+    with pytest.raises(AppError) as refused:
+        client.predict({"outputs_dir": pick(session.dirs)}, api_name="/save_preferences")
+    assert "`outputs_dir`" in str(refused.value) and why in str(refused.value)
+    assert not session.dirs.settings_file.exists()
+    fine = session.dirs.data / "my-images"
+    assert client.predict({"outputs_dir": str(fine)}, api_name="/save_preferences")["changed"]["outputs_dir"]
+
+
 def test_reset_puts_defaults_back_and_says_what_changed(prefs):
     session, client = prefs
     client.predict({"default_steps": 9, "share": True}, api_name="/save_preferences")
