@@ -138,7 +138,7 @@ def _read_jobs(path: Path, session) -> list:
             raise SettingsError(f"{path.name} line {number}: expected a JSON object")
         data = {"steps": settings.default_steps, "cfg": settings.default_cfg, **data}
         try:
-            jobs.append(session.prepare(GenerationRequest.from_dict(data)))
+            jobs.append(session.prepare(GenerationRequest.from_dict(data), allow_paths=True))  # local: paths too
         except StudioError as err:
             raise SettingsError(f"{path.name} line {number}: {err}") from None
     if not jobs:
@@ -160,7 +160,7 @@ def run_generate(args: argparse.Namespace) -> int:
             print("  " + result.report.summary().replace("\n", "\n  "))
         return 0
     request = _request_from_args(args, session.settings)
-    result = session.generate(request, out_path=args.out)
+    result = session.generate(request, out_path=args.out, allow_paths=True)  # the local command line: paths too
     if args.report:
         result.report.write_json(args.report)
     print(f"{result.paths[0]}  seed {result.seeds[0]}")
@@ -170,7 +170,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_bake(args: argparse.Namespace) -> int:
     session = _session(args)
-    result = session.bake(list(args.lora), args.out, args.single_file)
+    result = session.bake(list(args.lora), args.out, args.single_file, allow_paths=True)
     loras = ", ".join(f"{row['name']}:{row['weight']:g}" for row in result.stack)
     print(f"baked {loras} into {result.out_dir} ({result.modules_patched} layers, "
           f"{result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f}s")

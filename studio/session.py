@@ -167,20 +167,26 @@ class Session:
         """Stop the running job at its next step; returns whether one was running."""
         return self._slot.cancel_current()
 
-    def prepare(self, request: GenerationRequest) -> Job:
+    def prepare(self, request: GenerationRequest, *, allow_paths: bool = False) -> Job:
         """Move `<lora:...>` prompt tags into the stack, find every LoRA and validate: the one check.
 
         Unknown LoRA names and impossible values fail here, before a model is loaded or a
-        weight touched; the CLI checks a whole jobs file this way first.
+        weight touched; the CLI checks a whole jobs file this way first. A LoRA is a name from
+        the LoRA folders; `allow_paths=True` (the local command line only) also takes a file path.
         """
         request = request.validated()  # returns at once when the caller (the UI's form) already checked it
-        prompt, stack = resolve_stack(request.prompt, request.loras, search_dirs(self.settings.lora_dirs))
+        prompt, stack = resolve_stack(request.prompt, request.loras, search_dirs(self.settings.lora_dirs),
+                                      allow_paths=allow_paths)
         return Job(request.with_stack(prompt, tuple((item.name, item.weight) for item in stack)), tuple(stack))
 
     def generate(self, request: GenerationRequest | Job, *, on_step: StepCallback | None = None,
-                 cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerationResult:
-        """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError."""
-        job = request if isinstance(request, Job) else self.prepare(request)
+                 cancel: CancelToken | None = None, out_path: Path | None = None,
+                 allow_paths: bool = False) -> GenerationResult:
+        """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError.
+
+        A request is prepared here (`allow_paths` as in `prepare`); a Job was prepared already.
+        """
+        job = request if isinstance(request, Job) else self.prepare(request, allow_paths=allow_paths)
         token = cancel or CancelToken()
         with self._slot.job(token):
             token.raise_if_cancelled()  # stopped while waiting in line
@@ -211,7 +217,8 @@ class Session:
         return generate(warm, self.loras, job, target, timer=timer, started=started, token=token, on_step=step,
                         decode_memory=memory)
 
-    def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None):
+    def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None, *,
+             allow_paths: bool = False):
         """Write the model with a LoRA stack merged in (diffusers folder, optionally one file too).
 
         Runs between generations with every component on the device; the session's own LoRAs
@@ -219,7 +226,7 @@ class Session:
         """
         from studio.bake import bake
 
-        _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs))
+        _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs), allow_paths=allow_paths)
         if not stack:
             raise SettingsError("bake needs at least one --lora NAME_OR_PATH:WEIGHT")
         with self._slot.exclusive():

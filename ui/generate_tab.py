@@ -224,7 +224,8 @@ def _run_batch(session: Session, server: ServerInfo, form: GenerateForm, owner: 
 
             with engine_call():
                 try:
-                    result = session.generate(request, on_step=on_step, cancel=token)
+                    # a visitor may be anyone with the link: LoRAs by name from the LoRA folders only
+                    result = session.generate(request, on_step=on_step, cancel=token, allow_paths=False)
                 except Cancelled:
                     stopped = True
             if stopped:

@@ -1,8 +1,10 @@
 """Which LoRA files a request asks for: picker rows plus `<lora:name:weight>` prompt tags.
 
 A stack is data (a list of name, file, weight); applying it is the patcher's job.
-Names resolve against the configured LoRA folders, then the demo LoRAs in assets/;
-a path to a .safetensors file works too.
+Names resolve against the configured LoRA folders, then the demo LoRAs in assets/. A path to
+a .safetensors file works only where the caller says so (`allow_paths`: the local command
+line): through the UI and its API, whoever types `<lora:/etc/shadow:1>` may be a visitor
+through the public link, so there a LoRA is a name found in the folders (issue 11).
 """
 
 from __future__ import annotations
@@ -39,26 +41,35 @@ def list_loras(dirs: Sequence[Path]) -> dict[str, Path]:
     return found
 
 
-def find_lora(name: str, dirs: Sequence[Path]) -> Path:
-    """A path to a file, or a name found in the folders (exact, then case-insensitive)."""
-    candidate = Path(name).expanduser()
-    if _is_path(name) or candidate.is_absolute():
-        if candidate.is_file():
-            return candidate.resolve()
-        raise LoraError(f"{name}: no such LoRA file")
+def find_lora(name: str, dirs: Sequence[Path], *, allow_paths: bool = False) -> Path:
+    """A name found in the folders (exact, then case-insensitive), or with `allow_paths` a path to a file."""
+    if allow_paths:
+        candidate = Path(name).expanduser()
+        if _is_path(name) or candidate.is_absolute():
+            if candidate.is_file():
+                return candidate.resolve()
+            raise LoraError(f"{name}: no such LoRA file")
+    elif _is_path(name) or name.startswith("~") or name in (".", ".."):
+        raise LoraError(f"LoRA {name!r}: a LoRA is named by its file name in the LoRA folders, without folder or "
+                        "`.safetensors` (paths work on the command line only)")
     known = list_loras(dirs)
     if name in known:
         return known[name].resolve()
     folded = {k.lower(): v for k, v in known.items()}
     if name.lower() in folded:
         return folded[name.lower()].resolve()
-    where = ", ".join(str(d) for d in dirs)
+    # the folders' paths only for the command line: a visitor's error names no local path
+    where = ", ".join(str(d) for d in dirs) if allow_paths else "the LoRA folders"
     hint = f"; known: {', '.join(sorted(known)[:8])}" if known else ""
     raise LoraError(f"no LoRA named {name!r} in {where}{hint}")
 
 
-def resolve_stack(prompt: str, rows: Sequence[tuple[str, float]], dirs: Sequence[Path]) -> tuple[str, list[StackItem]]:
-    """The prompt without tags, and the stack: rows first, then tags; a repeated name keeps its last weight."""
+def resolve_stack(prompt: str, rows: Sequence[tuple[str, float]], dirs: Sequence[Path], *,
+                  allow_paths: bool = False) -> tuple[str, list[StackItem]]:
+    """The prompt without tags, and the stack: rows first, then tags; a repeated name keeps its last weight.
+
+    `allow_paths`: a LoRA may also be a path to a file (the local command line only).
+    """
     text, tags = split_lora_tags(prompt)
     weights: dict[str, float] = {}
     for name, weight in [*rows, *tags]:
@@ -66,7 +77,7 @@ def resolve_stack(prompt: str, rows: Sequence[tuple[str, float]], dirs: Sequence
         weights[name] = float(weight)
     items = []
     for name, weight in weights.items():
-        path = find_lora(name, dirs)
+        path = find_lora(name, dirs, allow_paths=allow_paths)
         # A path becomes its file name, as A1111 writes it in <lora:...> and `Lora hashes`.
         items.append(StackItem(path.stem if _is_path(name) else name, path, weight))
     return text, items

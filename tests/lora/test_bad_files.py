@@ -60,6 +60,20 @@ def test_truncated_file(tmp_path):
     refused(path, "truncated")
 
 
+def test_no_message_echoes_the_bytes_or_the_size_of_a_file(tmp_path):
+    """The header-length message printed a file's first 8 bytes as a number, and its size (issue 11)."""
+    secret = b"root:x:0:0:root:/root:/bin/bash\n" * 3
+    path = tmp_path / "passwd.safetensors"
+    path.write_bytes(secret)
+    message = refused(path, "not a safetensors file")
+    length = str(int.from_bytes(secret[:8], "little"))
+    assert length not in message and str(len(secret)) not in message and "root" not in message
+    full = fx.write(tmp_path / "cut.safetensors", good_tensors())
+    full.write_bytes(full.read_bytes()[:-100])
+    message = refused(full, "truncated", "ends past the end of the file")
+    assert str(full.stat().st_size) not in message and str(full.stat().st_size - 100) not in message
+
+
 def test_corrupt_header(tmp_path):
     path = tmp_path / "garbage.safetensors"
     path.write_bytes(struct.pack("<Q", 16) + b"{not json at all" + b"\0" * 32)

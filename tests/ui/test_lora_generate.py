@@ -52,3 +52,35 @@ def test_an_api_caller_without_rows_gets_its_prompt_tags_as_the_stack(client):
     assert report["request"]["prompt"] == "a boat" and report["request"]["loras"] == [[WARM, 0.5]]
     assert [row["name"] for row in report["lora"]["stack"]] == [WARM]
     assert read_png_infotext(Path(gallery[0]["image"])).params["Lora hashes"] == f"{WARM}: {WARM_HASH}"
+
+
+@pytest.mark.parametrize("tag", ["/etc/passwd", "../loras/demo-kohya-warm", "~/x", "demo-kohya-warm.safetensors",
+                                 "{copy}"])
+def test_through_the_api_a_lora_is_a_name_from_the_lora_folders_never_a_path(client, tmp_path, tag):
+    """`<lora:/etc/shadow:1>` opened any file and echoed its first bytes (issue 11, item 1)."""
+    import shutil
+
+    from gradio_client.exceptions import AppError
+
+    from studio.paths import DEMO_LORA_DIR
+
+    copy = tmp_path / "elsewhere.safetensors"  # a valid LoRA, outside every LoRA folder
+    shutil.copy(DEMO_LORA_DIR / f"{WARM}.safetensors", copy)
+    tag = tag.format(copy=copy)
+    with pytest.raises(AppError) as refused:
+        client.predict(f"a boat <lora:{tag}:1>", "", 9, 2, 5.0, 64, 64, "Euler", 1, api_name="/generate")
+    message = str(refused.value)
+    assert "is named by its file name in the LoRA folders" in message
+    assert "root:" not in message and "bytes" not in message and "no such" not in message
+
+
+def test_an_unknown_lora_name_names_no_local_folder(client):
+    from gradio_client.exceptions import AppError
+
+    from studio.paths import DEMO_LORA_DIR
+
+    with pytest.raises(AppError) as refused:
+        client.predict("a boat <lora:nothere:1>", "", 9, 2, 5.0, 64, 64, "Euler", 1, api_name="/generate")
+    message = str(refused.value)
+    assert "no LoRA named 'nothere' in the LoRA folders" in message and str(DEMO_LORA_DIR) not in message
+
