@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import weakref
 from dataclasses import asdict, dataclass, field, replace
@@ -12,6 +13,10 @@ from studio.samplers import check_sampler
 
 MAX_SEED = 2**32 - 1
 MAX_LORA_WEIGHT = 4.0
+# SDXL's text encoders read 77 tokens (diffusers' encode_prompt truncates the rest); A1111 chunks
+# longer prompts in 75-token pieces, so its users write more. 8,000 characters is ~2,000 tokens,
+# far past any prompt that helps; a 1 MB prompt took 27 s and 340 MB, stored whole in the PNG.
+MAX_PROMPT_CHARS = 8_000
 
 # Requests that passed `validated()`. A request is frozen, so validity is a property of its
 # values; the set lets each check run once on the way from a button (or a jobs line) to the
@@ -44,8 +49,14 @@ class GenerationRequest:
         """
         if _is_checked(self):
             return self
-        if not isinstance(self.prompt, str):
-            raise SettingsError(f"`prompt` must be text, got {self.prompt!r}")
+        check_text("prompt", self.prompt)
+        check_text("negative", self.negative)
+        for name in ("seed", "steps", "width", "height"):
+            check_whole(name, getattr(self, name))
+        if isinstance(self.cfg, bool) or not isinstance(self.cfg, (int, float)):
+            raise SettingsError(f"`cfg` must be a number, got {self.cfg!r}")
+        if not isinstance(self.sampler, str):
+            raise SettingsError(f"`sampler` must be text, got {self.sampler!r}")
         if not -1 <= self.seed <= MAX_SEED:
             raise SettingsError(f"`seed` must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
         if not 1 <= self.steps <= 200:
@@ -109,6 +120,34 @@ class GenerationRequest:
         return cls(**values).validated()
 
 
+def check_text(name: str, value: Any) -> str:
+    """A prompt field: text of at most MAX_PROMPT_CHARS characters."""
+    if not isinstance(value, str):
+        raise SettingsError(f"`{name}` must be text, got {value!r}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise SettingsError(f"`{name}` is {len(value):,} characters long; the limit is {MAX_PROMPT_CHARS:,} "
+                            "(SDXL reads the first 77 tokens, about 300 characters)")
+    return value
+
+
+def check_whole(name: str, value: Any) -> int:
+    """An int field holds an int: 2.5 steps would silently run 2 (issue 11)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError(f"`{name}` must be a whole number, got {value!r}")
+    return value
+
+
+def whole_number(name: str, value: Any) -> int:
+    """What a form or an API sends for an int field (20, 20.0, "20") as an int; anything else is
+    refused with the field's name: 2.5, NaN, inf, "abc", true. Never rounded (issue 11)."""
+    return int(_number(name, value, int))
+
+
+def real_number(name: str, value: Any) -> float:
+    """A finite float from a form or an API value; NaN, inf, "abc" and true are refused by name."""
+    return float(_number(name, value, float))
+
+
 def _is_checked(request: GenerationRequest) -> bool:
     try:
         return request in _CHECKED
@@ -122,15 +161,16 @@ def _mark_checked(request: GenerationRequest) -> GenerationRequest:
 
 
 def _number(key: str, value: Any, kind: type) -> int | float:
+    what = "a whole number" if kind is int else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SettingsError(f"`{key}` must be a number, got {value!r}")
+        raise SettingsError(f"`{key}` must be {what}, got {value!r}")
+    if isinstance(value, int):
+        return value
     try:
         number = float(value)
     except ValueError:
-        raise SettingsError(f"`{key}` must be a number, got {value!r}") from None
-    if kind is int:
-        if number != int(number):
-            raise SettingsError(f"`{key}` must be a whole number, got {value!r}")
-        return int(number)
-    return number
+        raise SettingsError(f"`{key}` must be {what}, got {value!r}") from None
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
+        raise SettingsError(f"`{key}` must be {what}, got {value!r}")
+    return int(number) if kind is int else number
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from studio.errors import Cancelled, SettingsError
-from studio.request import MAX_SEED, GenerationRequest
+from studio.request import MAX_SEED, GenerationRequest, check_text, real_number, whole_number
 from studio.samplers import SAMPLERS
 from studio.jobs import StepEvent
 from studio.session import Session
@@ -58,7 +58,8 @@ class GenerateForm:
 
     def requests(self) -> list[GenerationRequest]:
         """One validated request per image: seeds base, base+1, ... (a random base for -1)."""
-        if not 1 <= self.batch_count <= MAX_BATCH:
+        if isinstance(self.batch_count, bool) or not isinstance(self.batch_count, int) \
+                or not 1 <= self.batch_count <= MAX_BATCH:
             raise SettingsError(f"`batch count` must be between 1 and {MAX_BATCH}, got {self.batch_count}")
         first = GenerationRequest(prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps,
                                   cfg=self.cfg, width=self.width, height=self.height, sampler=self.sampler,
@@ -166,9 +167,15 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
                  height: float, sampler: str, batch_count: float, ticket: str | None = None,
                  rows: list[Row] | None = None, request: gr.Request = None,
                  progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
-        form = GenerateForm.from_ui(prompt, rows, negative=negative or "", seed=-1 if seed is None else int(seed),
-                                    steps=int(steps), cfg=float(cfg), width=int(width), height=int(height),
-                                    sampler=sampler, batch_count=int(batch_count))
+        """The values arrive as sent (`preprocess=False`): Gradio's own preprocessing rounds 1.5 to 2
+        and answers NaN or "abc" with a generic error, so each is checked here, by its name."""
+        with engine_call():
+            form = GenerateForm.from_ui(
+                check_text("prompt", prompt or ""), rows, negative=check_text("negative", negative or ""),
+                seed=-1 if seed is None else whole_number("seed", seed), steps=whole_number("steps", steps),
+                cfg=real_number("cfg", cfg), width=whole_number("width", width),
+                height=whole_number("height", height), sampler=sampler,
+                batch_count=whole_number("batch count", batch_count))
         yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json)
 
     inputs = [tab.prompt, tab.negative, tab.seed, tab.steps, tab.cfg, tab.width, tab.height, tab.sampler,
@@ -179,7 +186,8 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
         return server.jobs.reserve(owner_of(request)), ""
 
     first: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-    run: dict[str, Any] = {"concurrency_id": GPU, "concurrency_limit": 1, "show_progress_on": [tab.gallery]}
+    run: dict[str, Any] = {"concurrency_id": GPU, "concurrency_limit": 1, "show_progress_on": [tab.gallery],
+                           "preprocess": False}
     clicked = tab.run.click(reserve, None, [tab.ticket, tab.stop_note], **first)
     event = clicked.then(generate, inputs, outputs, api_name="generate", **run)
     submitted = tab.prompt.submit(reserve, None, [tab.ticket, tab.stop_note], **first)
