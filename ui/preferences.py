@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from studio.errors import SettingsError
+from studio.errors import InputError, SettingsError
 from studio.outputs import check_outputs_dir
 from studio.session import Session
 from studio.settings import Applies, Settings, SettingsFile, field_names, read_settings, save_settings, to_dict
@@ -90,8 +90,8 @@ def commit(session: Session, new: Settings, touched: set[str]) -> list[Change]:
 def save_changes(session: Session, server: ServerInfo, changes: dict[str, Any],
                  request: gr.Request | None) -> list[Change]:
     """Validate `changes` against the saved settings and commit them; nothing is saved on error."""
-    _require_local(server, request)
     with engine_call():
+        _require_local(server, request)
         unknown = sorted(set(changes) - set(field_names()))
         if unknown:
             raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
@@ -99,8 +99,8 @@ def save_changes(session: Session, server: ServerInfo, changes: dict[str, Any],
 
 
 def reset_to_defaults(session: Session, server: ServerInfo, request: gr.Request | None) -> list[Change]:
-    _require_local(server, request)
     with engine_call():
+        _require_local(server, request)
         return commit(session, Settings(extra=saved_settings(session).extra), touched=set(field_names()))
 
 
@@ -120,8 +120,8 @@ def edited(saved: Settings, values: dict[str, Any]) -> dict[str, Any]:
 
 def _require_local(server: ServerInfo, request: gr.Request | None) -> None:
     if not is_local(request, server):
-        raise gr.Error("Preferences are read-only through the public link; change them on the computer running "
-                       "LoRA Studio.", print_exception=False)
+        raise InputError("Preferences are read-only through the public link; change them on the computer running "
+                         "LoRA Studio.")
 
 
 def report_changes(changes: list[Change], verb: str) -> str:
