@@ -35,6 +35,7 @@ from studio.settings import SETTING_INFO, Applies, Settings
 from studio.warm_pipeline import ModelInfo, WarmPipeline, load_warm_pipeline
 
 log = logging.getLogger(__name__)
+_BUDGET_FIELDS = frozenset({"ram_limit_mb", "vram_limit_mb", "working_memory_mb"})
 
 
 class Session:
@@ -90,6 +91,8 @@ class Session:
         if not any(applies is Applies.MODEL_RELOAD for applies in changed.values()):
             self.settings = live
             self.loras.configure(live.lora_cache_mb, lora_settings)
+            if changed.keys() & _BUDGET_FIELDS:
+                self._apply_budgets()
             return changed
         with self._slot.exclusive():
             self.settings = live
@@ -133,9 +136,22 @@ class Session:
 
     def _budgets(self) -> Budgets:
         s = self.settings
-        held = self._warm.cache.used(self.runtime.device) if self._warm is not None else 0
+        warm = self._warm
+        held_ram = warm.cache.used("cpu") if warm is not None else 0
+        held_vram = warm.cache.used(self.runtime.device) if warm is not None and self.runtime.device.type != "cpu" \
+            else 0
         return measure_budgets(self.runtime.device, ram_limit_mb=s.ram_limit_mb, vram_limit_mb=s.vram_limit_mb,
-                               working_memory_mb=s.working_memory_mb, held_vram=held)
+                               working_memory_mb=s.working_memory_mb, held_ram=held_ram, held_vram=held_vram)
+
+    def _apply_budgets(self) -> None:
+        """RAM/VRAM limits and the working reserve are "now" settings: the model cache takes its new
+        budgets at once, dropping what no longer fits and is not in use (a running phase's weights
+        are locked, so they stay). The memory mode chosen from the budgets at load stays until the
+        model reloads."""
+        warm = self._warm
+        if warm is not None:
+            budgets = self._budgets()
+            warm.cache.set_budgets(budgets.ram or None, budgets.vram or None)
 
     def _unload_locked(self) -> None:
         """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache."""

@@ -166,7 +166,8 @@ class LoraEngine:
             patcher.materialize()
 
     def configure(self, cache_mb: int, settings: PatcherSettings) -> None:
-        self.cache.byte_budget = cache_mb * MB
+        """New settings, now: the cache budget at once, the patchers at their next apply."""
+        self.cache.set_budget(cache_mb * MB)
         self.settings = settings
         for phase, patcher in self._patchers.items():
             patcher.configure(self._settings_for(phase))

@@ -83,6 +83,7 @@ def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     page.locator("#prefs-save").click()
     expect(page.locator(".toast-body").first).to_contain_text("must be between 1 and 200, got 0", timeout=LONG)
     set_number(page, "#pref-default_steps input", "7")
+    set_number(page, "#pref-default_cfg input", "6.5")
     page.locator("#prefs-save").click()
     expect(page.locator("#prefs-result")).to_contain_text("Default steps: 20 → 7", timeout=LONG)
     expect(page.locator("#prefs-result")).to_contain_text("applies now")
@@ -92,6 +93,7 @@ def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):
     page.reload()
     expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)
     expect(page.locator("#steps input[type=number]")).to_have_value("7")  # the default took effect
+    expect(page.locator("#cfg input[type=number]")).to_have_value("6.5")
     open_tab(page, "Preferences")
     expect(page.locator("#pref-default_steps input")).to_have_value("7")  # and was kept
 
