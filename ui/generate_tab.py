@@ -25,6 +25,7 @@ from studio.jobs import StepEvent
 from studio.session import Session
 from ui.access import ServerInfo, is_local, owner_of
 from ui.errors import engine_call
+from ui.jobs import accepted_at, waiting_events
 from ui.lora_panel import LoraPanel, build_lora_panel
 from ui.lora_sync import Row, rows_from_prompt, stack_of, strip_tags
 from ui.report_view import summary_line
@@ -176,7 +177,8 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
                 cfg=real_number("cfg", cfg), width=whole_number("width", width),
                 height=whole_number("height", height), sampler=sampler,
                 batch_count=whole_number("batch count", batch_count))
-        yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json)
+        yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json,
+                              accepted_at())
 
     inputs = [tab.prompt, tab.negative, tab.seed, tab.steps, tab.cfg, tab.width, tab.height, tab.sampler,
               tab.batch_count, tab.ticket, tab.loras.rows]
@@ -195,10 +197,13 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
 
     def stop(request: gr.Request) -> str:
         """Stop this visitor's jobs; the person at this computer may also stop anyone's running job."""
-        mine = server.jobs.stop(owner_of(request))
-        if mine.running or mine.queued:
+        owner = owner_of(request)
+        mine = server.jobs.stop(owner)
+        # an API job accepted by the queue has no ticket until it starts; the Stop still holds for it
+        unticketed = max(0, waiting_events(owner, GPU) - mine.running - mine.queued)
+        if mine.running or mine.queued or unticketed:
             parts = ["the running image ends at its next step (nothing of it is saved)"] if mine.running else []
-            if mine.queued:
+            if mine.queued or unticketed:
                 parts.append("your queued job will not start")
             return "⏹ **Stop requested**: " + "; ".join(parts) + "."
         if is_local(request, server) and session.cancel_current():
@@ -210,13 +215,14 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
 
 
 def _run_batch(session: Session, server: ServerInfo, form: GenerateForm, owner: str, ticket: str | None,
-               progress: gr.Progress, tab: GenerateTab, report_json: gr.File) -> Iterator[dict]:
+               progress: gr.Progress, tab: GenerateTab, report_json: gr.File,
+               accepted: float | None = None) -> Iterator[dict]:
     """Run the images one after another, yielding the gallery as each one lands."""
     paths: list[str] = []
     reports: list = []
     jsons: list[str] = []
     stopped = False
-    with server.jobs.hold(owner, ticket) as token:
+    with server.jobs.hold(owner, ticket, accepted_at=accepted) as token:
         with engine_call():
             requests = form.requests()
         total_steps = sum(r.steps for r in requests)

@@ -63,6 +63,26 @@ def test_progress_arrives_per_step_and_stop_ends_the_run(served, client):
     assert client.predict(api_name="/stop") == "Nothing of yours is running."
 
 
+def test_a_stop_right_after_a_submit_stops_the_job_still_waiting_in_the_queue(served, client):
+    """The submitted job holds no ticket until it starts: Stops sent then were lost and the job ran to
+    its end (issue 11, item 6). Here it waits behind a running one, and one Stop ends both."""
+    session, _ = served
+    running = client.submit("long", "", 1, 200, 5.0, 128, 128, "Euler", 1, api_name="/generate")
+    deadline = time.time() + 60
+    while time.time() < deadline and not session.status()["busy"]:
+        time.sleep(0.05)
+    waiting = client.submit("next", "", 2, 200, 5.0, 128, 128, "Euler", 1, api_name="/generate")
+    while time.time() < deadline and not client.predict(api_name="/status")["queued"]:
+        time.sleep(0.02)
+    ack = client.predict(api_name="/stop")
+    assert ack.startswith("⏹ **Stop requested**") and "your queued job will not start" in ack
+    assert running.result(timeout=60)[2].startswith("**Stopped** after 0 of 1 image")
+    started = time.time()
+    gallery, seeds, summary, jsons = waiting.result(timeout=60)
+    assert summary.startswith("**Stopped** after 0 of 1 image") and time.time() - started < 20
+    assert all(r.request["prompt"] != "next" for r in session.history)  # it never generated
+
+
 def test_errors_reach_the_client_as_one_message(client):
     with pytest.raises(AppError, match="`width` must be a multiple of 8"):
         client.predict("x", "", 1, 2, 5.0, 100, 128, "Euler", 1, api_name="/generate")

@@ -116,6 +116,21 @@ def test_stop_reaches_queued_and_running_tickets_of_one_owner_only():
     assert book.active() == 0
 
 
+def test_a_stop_holds_for_a_job_accepted_before_it_that_has_no_ticket_yet():
+    """An API job gets its ticket when it starts; a Stop sent while it waited must still stop it (issue 11)."""
+    import time
+
+    book = JobBook()
+    accepted = time.monotonic()
+    assert book.stop("client-a").__dict__ == {"running": 0, "queued": 0}  # nothing holds a ticket yet
+    with book.hold("client-a", None, accepted_at=accepted) as token:
+        assert token.cancelled  # accepted before the Stop: ends at once
+    with book.hold("client-b", None, accepted_at=accepted) as token:
+        assert not token.cancelled  # another owner's Stop
+    with book.hold("client-a", None, accepted_at=time.monotonic()) as token:
+        assert not token.cancelled  # accepted after the Stop: a new job runs
+
+
 @pytest.mark.parametrize("host, port, local", [
     ("127.0.0.1:7860", 7860, True), ("localhost:7860", 7860, True), ("[::1]:7860", 7860, True),
     ("127.0.0.1:7861", 7860, False), ("abcd.gradio.live", 7860, False), ("192.168.1.5:7860", 7860, False),
