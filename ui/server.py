@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from studio.errors import StudioError
 from studio.paths import app_dirs
 from studio.session import Session
 from studio.settings import read_settings, remove_temp_leftovers
 from ui.access import ServerInfo
+from ui.login_throttle import LoginThrottle
 from ui.share import Opener, PublicLink, login_for, open_tunnel
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,8 @@ def launch_app(session: Session, port: int | None = None, quiet: bool = False, s
     _, local_url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=quiet,
                                  inbrowser=False, share=False, auth=credentials.pair if credentials else None,
                                  auth_message=AUTH_MESSAGE if credentials else None, allowed_paths=allowed,
-                                 blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb")
+                                 blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb",
+                                 app_kwargs={"middleware": [Middleware(LoginThrottle)]})
     server.port = app.server_port
     running = RunningApp(app, local_url, server)
     if share and start_tunnel:
