@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,6 +53,15 @@ class Report:
         data = asdict(self)
         data["it_per_s"] = round(self.it_per_s, 3)
         return data
+
+    def without_local_paths(self) -> Report:
+        """The report as a visitor through the public link may read it: the model without its location,
+        each LoRA and output by file name only (issue 11)."""
+        lora = dict(self.lora)
+        if "stack" in lora:
+            lora["stack"] = [{**row, "path": Path(str(row.get("path", ""))).name} for row in lora["stack"]]
+        model = {k: v for k, v in self.model.items() if k != "location"}
+        return replace(self, model=model, lora=lora, outputs=[Path(p).name for p in self.outputs])
 
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

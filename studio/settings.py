@@ -111,7 +111,9 @@ SETTING_INFO: dict[str, SettingInfo] = {
     "port": SettingInfo("Port", "local port of the UI", Applies.RESTART),
     "share": SettingInfo("Public link", "share through a Gradio link; login required", Applies.RESTART),
     "auth_user": SettingInfo("Login user", "for the public link", Applies.RESTART),
-    "auth_password": SettingInfo("Login password", "empty = generated and shown locally", Applies.RESTART),
+    "auth_password": SettingInfo("Login password", "never shown once saved: type a new one to replace it, leave "
+                                 "the box empty to keep it; none saved = generated per run, shown locally",
+                                 Applies.RESTART),
 }
 
 

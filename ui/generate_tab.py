@@ -178,7 +178,7 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
                 height=whole_number("height", height), sampler=sampler,
                 batch_count=whole_number("batch count", batch_count))
         yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json,
-                              accepted_at())
+                              accepted_at(), local=is_local(request, server))
 
     inputs = [tab.prompt, tab.negative, tab.seed, tab.steps, tab.cfg, tab.width, tab.height, tab.sampler,
               tab.batch_count, tab.ticket, tab.loras.rows]
@@ -216,8 +216,11 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
 
 def _run_batch(session: Session, server: ServerInfo, form: GenerateForm, owner: str, ticket: str | None,
                progress: gr.Progress, tab: GenerateTab, report_json: gr.File,
-               accepted: float | None = None) -> Iterator[dict]:
-    """Run the images one after another, yielding the gallery as each one lands."""
+               accepted: float | None = None, local: bool = True) -> Iterator[dict]:
+    """Run the images one after another, yielding the gallery as each one lands.
+
+    The report JSON beside each PNG is served to whoever ran the job: a visitor through the public
+    link gets it without local paths (model location, LoRA files, the outputs folder)."""
     paths: list[str] = []
     reports: list = []
     jsons: list[str] = []
@@ -245,7 +248,7 @@ def _run_batch(session: Session, server: ServerInfo, form: GenerateForm, owner: 
             if stopped:
                 break
             json_path = Path(result.paths[0]).with_suffix(".json")
-            result.report.write_json(json_path)
+            (result.report if local else result.report.without_local_paths()).write_json(json_path)
             paths += [str(p) for p in result.paths]
             reports.append(result.report)
             jsons.append(str(json_path))

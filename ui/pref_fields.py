@@ -25,6 +25,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "Server and public link": ("port", "share", "auth_user", "auth_password"),
 }
 SECRET_FIELDS = frozenset({"auth_password"})
+PATH_FIELDS = frozenset({"model", "lora_dirs", "outputs_dir"})
+HIDDEN_PATH = "(a folder on the computer running LoRA Studio)"
 
 
 def info_for(name: str) -> SettingInfo:
@@ -89,7 +91,19 @@ def from_widget(name: str, value: Any) -> Any:
 
 
 def shown(name: str, value: Any, local: bool) -> Any:
-    """What a visitor may see: secrets only on this computer."""
-    if name in SECRET_FIELDS and not local:
-        return "" if not value else "••••••••"
+    """What a visitor may see of a saved value. A secret is never sent, to anyone (its widget stays
+    empty; whether one is set is said apart): "local" is decided from the Host header, and behind a
+    proxy that rewrites it every visitor looks local (ui/access.py). A local path (model, LoRA and
+    outputs folders) only to the person at this computer (issue 11)."""
+    if name in SECRET_FIELDS:
+        return ""
+    if name in PATH_FIELDS and not local and value:
+        return HIDDEN_PATH
     return value
+
+
+def described(name: str, value: Any) -> str:
+    """A value in a sentence for the person at this computer ("Login password: (set) → (empty)")."""
+    if name in SECRET_FIELDS:
+        return "(set)" if value else "(empty)"
+    return str(shown(name, to_widget(value), True) or "(empty)")

@@ -21,7 +21,8 @@ from studio.session import Session
 from studio.settings import Applies, Settings, SettingsFile, field_names, read_settings, save_settings, to_dict
 from ui.access import ServerInfo, is_local
 from ui.errors import engine_call
-from ui.pref_fields import APPLIES_BADGE, from_widget, info_for, make_widget, sections, shown, to_widget
+from ui.pref_fields import (APPLIES_BADGE, SECRET_FIELDS, described, from_widget, info_for, make_widget, sections,
+                             shown, to_widget)
 from ui.report_view import render_unpatch_costs
 
 READ_ONLY_NOTE = ("🔒 **Read-only through the public link.** Preferences can be changed only on the computer "
@@ -49,8 +50,15 @@ class Change:
         return info_for(self.name).applies
 
     def describe(self) -> str:
-        old, new = (shown(self.name, to_widget(v), False) or "(empty)" for v in (self.old, self.new))
+        old, new = described(self.name, self.old), described(self.name, self.new)
         return f"**{info_for(self.name).label}**: {old} → {new} ({APPLIES_BADGE[self.applies]})"
+
+    def to_api(self) -> dict[str, Any]:
+        """For /save_preferences and /reset_preferences: a secret says only whether it is set."""
+        if self.name in SECRET_FIELDS:
+            return {"from": described(self.name, self.old), "to": described(self.name, self.new),
+                    "applies": self.applies.value}
+        return {"from": to_widget(self.old), "to": to_widget(self.new), "applies": self.applies.value}
 
 
 def saved_file(session: Session) -> SettingsFile:
@@ -106,9 +114,12 @@ def reset_to_defaults(session: Session, server: ServerInfo, request: gr.Request 
 
 def edited(saved: Settings, values: dict[str, Any]) -> dict[str, Any]:
     """The panel sends every widget: keep the fields whose value differs from the file's (a value
-    that cannot be read counts as edited, so Save names what is wrong with it)."""
+    that cannot be read counts as edited, so Save names what is wrong with it). An empty secret
+    box keeps the saved secret: the panel never receives it, so it cannot send it back."""
     out = {}
     for name, value in values.items():
+        if name in SECRET_FIELDS and not value:
+            continue
         try:
             same = getattr(saved.replace(**{name: value}), name) == getattr(saved, name)
         except SettingsError:
@@ -137,7 +148,7 @@ def report_changes(changes: list[Change], verb: str) -> str:
 
 def running_differences(session: Session, saved: Settings) -> str:
     """Fields the running session uses with another value than the file (command line, pending restart)."""
-    diffs = [f"{info_for(n).label} = {shown(n, to_widget(getattr(session.settings, n)), False) or '(empty)'}"
+    diffs = [f"{info_for(n).label} = {described(n, getattr(session.settings, n))}"
              for n in field_names() if getattr(session.settings, n) != getattr(saved, n)]
     return ("Running now with: " + "; ".join(diffs) + " (from the command line, or saved but waiting for a "
             "restart).") if diffs else ""
@@ -174,6 +185,10 @@ def panel_values(panel: PreferencesPanel, session: Session, server: ServerInfo, 
     saved = file.settings
     out: dict = {widget: gr.update(value=shown(name, to_widget(getattr(saved, name)), local), interactive=local)
                  for name, widget in panel.widgets.items()}
+    for name in SECRET_FIELDS & panel.widgets.keys():  # never sent; the box says whether one is saved
+        saved_one = bool(getattr(saved, name))
+        out[panel.widgets[name]] = gr.update(value="", interactive=local, placeholder=(
+            "saved (never shown): type a new one to replace it" if saved_one else "none saved"))
     where = f"Loaded from `{session.dirs.settings_file}`." if local else READ_ONLY_NOTE
     extra = running_differences(session, saved) if local else ""
     if local and file.fallbacks:
@@ -208,21 +223,23 @@ def wire_preferences(panel: PreferencesPanel, session: Session, server: ServerIn
     def save_preferences(changes: dict, request: gr.Request) -> dict:
         """Change settings by name, e.g. {"default_steps": 30}; invalid values are refused and nothing is saved."""
         done = save_changes(session, server, changes, request)
-        return {"changed": {c.name: {"from": to_widget(c.old), "to": to_widget(c.new), "applies": c.applies.value}
-                            for c in done}}
+        return {"changed": {c.name: c.to_api() for c in done}}
 
     def reset_preferences(request: gr.Request) -> dict:
         """Put every setting back to its default; returns what changed."""
         done = reset_to_defaults(session, server, request)
-        return {"changed": {c.name: {"from": to_widget(c.old), "to": to_widget(c.new), "applies": c.applies.value}
-                            for c in done}}
+        return {"changed": {c.name: c.to_api() for c in done}}
 
     def preferences(request: gr.Request) -> dict:
-        """The saved settings, each with when a change applies (secrets only for this computer)."""
+        """The saved settings, each with when a change applies. A secret is never returned (`set` says
+        whether one is saved); local paths only to this computer."""
         local = is_local(request, server)
         saved = to_dict(saved_settings(session))
-        return {name: {"value": shown(name, saved[name], local), "applies": info_for(name).applies.value}
-                for name in field_names()}
+        out = {name: {"value": shown(name, saved[name], local), "applies": info_for(name).applies.value}
+               for name in field_names()}
+        for name in SECRET_FIELDS & out.keys():
+            out[name]["set"] = bool(saved[name])
+        return out
 
     gr.api(save_preferences, api_name="save_preferences", concurrency_id="preferences")
     gr.api(reset_preferences, api_name="reset_preferences", concurrency_id="preferences")

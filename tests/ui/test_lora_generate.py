@@ -84,3 +84,28 @@ def test_an_unknown_lora_name_names_no_local_folder(client):
     message = str(refused.value)
     assert "no LoRA named 'nothere' in the LoRA folders" in message and str(DEMO_LORA_DIR) not in message
 
+
+
+def test_a_visitor_through_the_public_link_gets_a_report_without_local_paths(client, tiny_session):
+    """The JSON beside the PNG named the model's location, the LoRA files and the outputs folder (issue 11)."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    from studio.paths import DEMO_LORA_DIR
+
+    url = client.src.rstrip("/")
+    data = [f"a boat <lora:{WARM}:0.5>", "", 9, 2, 5.0, 64, 64, "Euler", 1]
+    with httpx.Client(base_url=url, headers={"host": "abcd.gradio.live"}, timeout=60) as http:
+        event = http.post("/gradio_api/call/generate", json={"data": data}).json()["event_id"]
+        answer = http.get(f"/gradio_api/call/generate/{event}").text
+        payload = json.loads(answer.split("event: complete\ndata: ", 1)[1].splitlines()[0])
+        served_at = urlsplit(payload[3][0]["url"])  # built from the visitor's Host: keep the path only
+        report_text = http.get(served_at.path + (f"?{served_at.query}" if served_at.query else "")).text
+    report = json.loads(report_text)
+    assert "location" not in report["model"] and report["lora"]["stack"][0]["path"] == f"{WARM}.safetensors"
+    assert all("/" not in p for p in report["outputs"])
+    for local in (str(DEMO_LORA_DIR), str(tiny_session.outputs), str(tiny_session.dirs.data)):
+        assert local not in report_text
+    mine = json.loads(Path(client.predict(data[0], *data[1:], api_name="/generate")[3][0]).read_text())
+    assert mine["lora"]["stack"][0]["path"] == str(DEMO_LORA_DIR / f"{WARM}.safetensors")  # here: the full path

@@ -14,7 +14,7 @@ from ui.access import ServerInfo, host_is_local, is_local
 from ui.generate_tab import GenerateForm
 from ui.jobs import JobBook
 from ui.png_info import restorable
-from ui.pref_fields import from_widget, sections, shown, to_widget
+from ui.pref_fields import HIDDEN_PATH, described, from_widget, sections, shown, to_widget
 from ui.report_view import (memory_axis, memory_frame, phase_frame, render_memory, render_report, render_unpatch_costs,
                             unpatch_costs)
 from ui.share import Credentials, LinkState, PublicLink, login_for
@@ -142,8 +142,11 @@ def test_only_a_loopback_host_with_our_port_is_local(host, port, local):
 
 
 def test_secrets_stay_local_and_the_public_link_describes_itself():
-    assert shown("auth_password", "hunter2", local=False) == "••••••••"
-    assert shown("auth_password", "hunter2", local=True) == "hunter2"
+    # never sent, not even to "local" (a Host header a proxy may rewrite): issue 11
+    assert shown("auth_password", "hunter2", local=False) == shown("auth_password", "hunter2", local=True) == ""
+    assert described("auth_password", "hunter2") == "(set)" and described("auth_password", "") == "(empty)"
+    assert shown("outputs_dir", "/home/me/images", local=True) == "/home/me/images"
+    assert shown("outputs_dir", "/home/me/images", local=False) == HIDDEN_PATH and shown("model", "", False) == ""
     creds = login_for(Settings())
     assert creds.generated and len(creds.password) >= 12 and creds.user == "studio"
     assert login_for(Settings(auth_password="pw")) == Credentials("studio", "pw", generated=False)

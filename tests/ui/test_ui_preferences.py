@@ -109,4 +109,29 @@ def test_through_the_public_link_preferences_are_read_only_and_secrets_hidden(pr
     assert "event: error" in answer and "read-only through the public link" in answer
     assert session.dirs.settings_file.read_bytes() == before
     assert '"s3cret"' not in _call(url, "preferences", [], host="abcd.gradio.live")
-    assert '"s3cret"' in _call(url, "preferences", [], host=url.split("//")[1].rstrip("/"))
+
+
+def test_the_password_is_never_returned_even_to_this_computer(prefs, served):
+    """Behind a proxy that rewrites the Host header every visitor looks local, and /preferences
+    handed them `auth_password` (issue 11, item 11): it says only whether one is set."""
+    session, client = prefs
+    _, url = served
+    changed = client.predict({"auth_password": "s3cret"}, api_name="/save_preferences")["changed"]
+    assert changed["auth_password"] == {"from": "(empty)", "to": "(set)", "applies": "needs a restart"}
+    local = url.split("//")[1].rstrip("/")
+    assert "s3cret" not in _call(url, "preferences", [], host=local)
+    shown = client.predict(api_name="/preferences")["auth_password"]
+    assert shown == {"value": "", "applies": "needs a restart", "set": True}
+    assert "s3cret" not in str(client.predict(api_name="/reset_preferences"))
+    assert client.predict(api_name="/preferences")["auth_password"]["set"] is False
+
+
+def test_a_visitor_through_the_public_link_sees_no_local_paths(prefs, served, tmp_path):
+    session, client = prefs
+    _, url = served
+    loras, out = tmp_path / "my-loras", tmp_path / "my-images"
+    loras.mkdir()
+    client.predict({"lora_dirs": [str(loras)], "outputs_dir": str(out)}, api_name="/save_preferences")
+    remote = _call(url, "preferences", [], host="abcd.gradio.live")
+    assert str(tmp_path) not in remote and "(a folder on the computer running LoRA Studio)" in remote
+    assert str(loras) in _call(url, "preferences", [], host=url.split("//")[1].rstrip("/"))  # here: shown
