@@ -1,4 +1,5 @@
-"""Where generated images are saved: `<outputs>/<date>/<NNNNN>-<seed>.png`, and which folder may hold them.
+"""Where generated images are saved (`<outputs>/<date>/<NNNNN>-<seed>.png`, the report JSON beside each),
+which folder may hold them, and the list of what is there, for the output history.
 
 The outputs folder is served to every visitor of the app (Gradio's `allowed_paths`), so it
 must be a folder of its own: `check_outputs_dir` refuses the filesystem root, the home
@@ -125,3 +126,20 @@ def choose_outputs(value: str, dirs: AppDirs, *, model: str = "", lora_dirs: Ite
     notice = f"`outputs_dir` {value!r} is not used: {why}; images go to the default folder {default} for this run"
     log.warning("%s", notice)
     return default, notice
+
+
+def list_outputs(root: Path) -> list[Path]:
+    """Every PNG under the outputs folder (any date folder), newest first; missing folder: none.
+
+    Newest by modification time, then by name (the numbers of one day's folder), so a batch keeps
+    its order however fast it was written.
+    """
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.rglob("*.png"):
+        try:
+            found.append((path.stat().st_mtime_ns, path.name, path))
+        except OSError:  # removed while listing
+            continue
+    return [path for _, _, path in sorted(found, key=lambda item: (item[0], item[1]), reverse=True)]

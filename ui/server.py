@@ -19,14 +19,15 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from studio.errors import StudioError
-from studio.paths import app_dirs
+from studio.paths import ASSETS_DIR, app_dirs
 from studio.session import Session
 from studio.settings import read_settings, remove_temp_leftovers
-from ui.access import ServerInfo
+from ui.access import ServerInfo, let_this_computer_in
 from ui.login_throttle import LoginThrottle
 from ui.share import Opener, PublicLink, login_for, open_tunnel
 
 log = logging.getLogger(__name__)
+CSS = ASSETS_DIR / "css" / "studio.css"
 AUTH_MESSAGE = "LoRA Studio is shared through a public link: log in with the user and password shown on its console."
 
 
@@ -47,19 +48,20 @@ class RunningApp:
 def served_folders(session: Session) -> tuple[list[str], list[str]]:
     """(allowed, blocked): the outputs folder and the thumbnail cache are served; the config folder never.
 
-    `session.outputs` is a checked folder of its own (studio/outputs.py): a refused or uncreatable
+    `session.outputs_root` is a checked folder of its own (studio/outputs.py): a refused or uncreatable
     `outputs_dir` has already fallen back to the default, with a notice for the status line.
     """
     thumbnails = session.dirs.cache / "thumbnails"
     thumbnails.mkdir(parents=True, exist_ok=True)
-    return [str(session.outputs), str(thumbnails)], [str(session.dirs.config)]
+    return [str(session.outputs_root), str(thumbnails)], [str(session.dirs.config)]
 
 
 def launch_app(session: Session, port: int | None = None, quiet: bool = False, share: bool = False,
                opener: Opener | None = None, announce: Callable[[str], None] | None = None,
                start_tunnel: bool = True) -> RunningApp:
-    """Launch without blocking. With `share`, login is required and the tunnel is tried in the background
-    (now, or when the caller calls `start_public_link`, with start_tunnel=False)."""
+    """Launch without blocking. With `share`, a visitor through the link must log in (the person at this
+    computer need not) and the tunnel is tried in the background (now, or when the caller calls
+    `start_public_link`, with start_tunnel=False)."""
     from ui.app import build_app
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -73,8 +75,10 @@ def launch_app(session: Session, port: int | None = None, quiet: bool = False, s
                                  inbrowser=False, share=False, auth=credentials.pair if credentials else None,
                                  auth_message=AUTH_MESSAGE if credentials else None, allowed_paths=allowed,
                                  blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb",
-                                 app_kwargs={"middleware": [Middleware(LoginThrottle)]})
+                                 css_paths=[CSS], app_kwargs={"middleware": [Middleware(LoginThrottle)]})
     server.port = app.server_port
+    if credentials is not None:
+        let_this_computer_in(app, server)
     running = RunningApp(app, local_url, server)
     if share and start_tunnel:
         running.start_public_link()

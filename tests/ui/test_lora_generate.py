@@ -105,7 +105,7 @@ def test_a_visitor_through_the_public_link_gets_a_report_without_local_paths(cli
     report = json.loads(report_text)
     assert "location" not in report["model"] and report["lora"]["stack"][0]["path"] == f"{WARM}.safetensors"
     assert all("/" not in p for p in report["outputs"])
-    for local in (str(DEMO_LORA_DIR), str(tiny_session.outputs), str(tiny_session.dirs.data)):
+    for local in (str(DEMO_LORA_DIR), str(tiny_session.outputs_root), str(tiny_session.dirs.data)):
         assert local not in report_text
     mine = json.loads(Path(client.predict(data[0], *data[1:], api_name="/generate")[3][0]).read_text())
     assert mine["lora"]["stack"][0]["path"] == str(DEMO_LORA_DIR / f"{WARM}.safetensors")  # here: the full path

@@ -24,7 +24,7 @@ def test_a_bad_outputs_dir_falls_back_at_start_says_so_and_serves_nothing_else(s
     try:
         url = running.local_url
         assert httpx.get(f"{url}gradio_api/file=/etc/passwd").status_code == 403
-        assert session.outputs == studio_home.default_outputs
+        assert session.outputs_root == studio_home.default_outputs
         status = Client(url, verbose=False, analytics_enabled=False).predict(api_name="/status")
         [notice] = status["notices"]
         assert notice.startswith(f"`outputs_dir` {value!r} is not used: {why}")
