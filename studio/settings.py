@@ -290,6 +290,19 @@ def save_settings(settings: Settings, path: Path, keep_raw: dict[str, Any] | Non
         raise
 
 
+def update_settings_file(path: Path, **changes: Any) -> bool:
+    """Write `changes` into the file and keep every other line as the file has it, a bad value that
+    fell back included (the model picker remembering a choice must not reset a hand-written value,
+    issue 11). Returns False when the file already holds these values (nothing written)."""
+    loaded = read_settings(path, warn=False)
+    new = loaded.settings.replace(**changes)
+    if new == loaded.settings and not changes.keys() & loaded.fallbacks.keys():
+        return False
+    keep_raw = {name: fallback.raw for name, fallback in loaded.fallbacks.items() if name not in changes}
+    save_settings(new, path, keep_raw=keep_raw)
+    return True
+
+
 def remove_temp_leftovers(path: Path) -> list[Path]:
     """Delete the atomic write's temp files beside `path` that a killed save left behind (they hold the
     whole file, password included); returns what was removed. Call it at start, before any save."""

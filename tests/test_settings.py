@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
 from studio.errors import SettingsError
 from studio.choices import Device, LoraMode
-from studio.settings import Settings, load_settings, read_settings, save_settings, to_dict
+from studio.settings import Settings, load_settings, read_settings, save_settings, to_dict, update_settings_file
 
 
 def test_missing_file_gives_defaults(tmp_path):
@@ -70,6 +71,20 @@ def test_a_save_writes_back_the_bad_values_nobody_touched(tmp_path):
     again = read_settings(path)
     assert again.settings.default_cfg == 6.0 and again.settings.lora_cache_mb == 512
     assert again.fallbacks["default_steps"].raw == 0  # still what the user wrote, still reported
+
+
+def test_the_model_picker_remembering_a_model_keeps_the_hand_written_bad_value(tmp_path):
+    """Loading a model writes `model`/`vae` into the file; it must not write the default over a bad
+    value the user wrote by hand (issue 11, item 4: a Save wrote every fallback's default)."""
+    from ui.model_picker import _remember
+
+    path = tmp_path / "settings.toml"
+    path.write_text('default_steps = 0\nlora_cache_mb = 512\nmodel = "/old.safetensors"\n')
+    _remember(SimpleNamespace(dirs=SimpleNamespace(settings_file=path)), "/new.safetensors", "")
+    again = read_settings(path)
+    assert again.settings.model == "/new.safetensors" and again.settings.lora_cache_mb == 512
+    assert again.fallbacks["default_steps"].raw == 0
+    assert update_settings_file(path, model="/new.safetensors") is False  # already so: not written again
 
 
 def test_out_of_range_value_is_refused_and_not_saved(tmp_path):

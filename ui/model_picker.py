@@ -22,7 +22,7 @@ import gradio as gr
 from studio.errors import StudioError
 from studio.models.catalog import ModelCatalog, ModelEntry
 from studio.session import Session
-from studio.settings import load_settings, save_settings
+from studio.settings import update_settings_file
 from studio.warm_pipeline import LOAD_STAGES
 from ui.access import ServerInfo, is_local
 from ui.errors import engine_call
@@ -160,8 +160,6 @@ def _remember(session: Session, model_value: str, vae_value: str) -> None:
     """Keep the choice for the next start (the settings file's `model` and `vae`), as A1111 does."""
     path = session.dirs.settings_file
     try:
-        saved = load_settings(path)
-        if (saved.model, saved.vae) != (model_value, vae_value):
-            save_settings(saved.replace(model=model_value, vae=vae_value), path)
+        update_settings_file(path, model=model_value, vae=vae_value)
     except (OSError, StudioError) as err:
         log.warning("the model choice was loaded but not saved to %s: %s", path, err)
