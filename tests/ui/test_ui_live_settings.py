@@ -16,13 +16,14 @@ from gradio_client import Client
 
 from studio.choices import LoraMode
 from studio.models.budget import MB, Budgets
-from studio.paths import DEMO_LORA_DIR
+from studio.models.catalog import ModelCatalog
+from studio.paths import DEMO_LORA_DIR, TINY_MODEL_DIR
 from studio.phases import Phase
 from studio.settings import SETTING_INFO, Applies
 
 NOW = sorted(name for name, info in SETTING_INFO.items() if info.applies is Applies.NOW)
 TESTED = {"lora_dirs", "lora_mode", "unpatch_lora_by_vram_offload", "lora_cache_mb", "ram_limit_mb", "vram_limit_mb",
-          "working_memory_mb", "default_steps", "default_cfg"}
+          "working_memory_mb", "default_steps", "default_cfg", "live_preview", "model_dirs"}
 
 
 def test_every_now_setting_has_a_test_here():
@@ -124,3 +125,21 @@ def test_generation_defaults_are_what_the_next_page_and_job_start_from(live, nam
     save(**{name: value})
     assert getattr(session.settings, name) == value
     assert client.predict(api_name="/preferences")[name]["value"] == value
+
+
+def test_live_preview_is_on_or_off_from_the_next_generation(live):
+    session, client, save = live
+    save(live_preview=False)
+    assert _generate(client, "a boat")["preview"]["enabled"] is False
+    save(live_preview=True)
+    assert _generate(client, "a boat")["preview"]["enabled"] is True
+
+
+def test_model_dirs_are_what_the_model_picker_lists_at_its_next_scan(live, tmp_path):
+    """The picker scans `session.settings.model_dirs` at each page load and Rescan (ui/model_picker.py)."""
+    session, client, save = live
+    shutil.copytree(TINY_MODEL_DIR, tmp_path / "models" / "my-sdxl")
+    save(model_dirs=[str(tmp_path / "models")])
+    catalog = ModelCatalog()
+    catalog.scan([Path(d) for d in session.settings.model_dirs])
+    assert [entry.path.name for entry in catalog.models()] == ["my-sdxl"]
