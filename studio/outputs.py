@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from studio.errors import SettingsError
 from studio.lora.stack import search_dirs
@@ -67,14 +67,17 @@ def _is_at_or_above(folder: Path, other: Path) -> bool:
     return other == folder or other.is_relative_to(folder)
 
 
-def protected_folders(dirs: AppDirs, model: str = "", lora_dirs: Iterable[str | Path] = ()) -> list[tuple[Path, str]]:
+def protected_folders(dirs: AppDirs, model: str = "", lora_dirs: Iterable[str | Path] = (), *,
+                      model_dirs: Iterable[str | Path] = (), vae: str = "") -> list[tuple[Path, str]]:
     """(folder, what it is): folders the outputs folder may neither be nor contain."""
     found = [(Path.home(), "your home folder"), (dirs.config, "the config folder (it holds settings.toml)"),
              (dirs.data, "the app's data folder"), (dirs.cache, "the app's cache folder")]
-    model_path = Path(model).expanduser() if model else TINY_MODEL_DIR
-    if model_path.exists():
-        found.append((model_path if model_path.is_dir() else model_path.parent, "the model's folder"))
+    for path, what in ((Path(model).expanduser() if model else TINY_MODEL_DIR, "the model's folder"),
+                       (Path(vae).expanduser() if vae else None, "the VAE's folder")):
+        if path is not None and path.exists():
+            found.append((path if path.is_dir() else path.parent, what))
     found += [(folder, "a LoRA folder") for folder in search_dirs([str(d) for d in lora_dirs])]
+    found += [(Path(folder).expanduser(), "a model folder (the model picker's)") for folder in model_dirs]
     return [(_resolved(folder), what) for folder, what in found]
 
 
@@ -82,11 +85,11 @@ def _resolved(path: Path) -> Path:
     return path.expanduser().resolve(strict=False)
 
 
-def _refusal(folder: Path, dirs: AppDirs, model: str, lora_dirs: Iterable[str | Path]) -> str | None:
-    """Why `folder` may not be the outputs folder, or None."""
+def _refusal(folder: Path, dirs: AppDirs, model: str, lora_dirs: Iterable[str | Path], **more: Any) -> str | None:
+    """Why `folder` may not be the outputs folder, or None (`more`: protected_folders' model_dirs, vae)."""
     if folder == Path(folder.anchor):
         return "it is the filesystem root"
-    for protected, what in protected_folders(dirs, model, lora_dirs):
+    for protected, what in protected_folders(dirs, model, lora_dirs, **more):
         if _is_at_or_above(folder, protected):
             return f"it is {what}" if folder == protected else f"it holds {what} ({protected})"
     if folder.exists() and not folder.is_dir():
@@ -94,20 +97,21 @@ def _refusal(folder: Path, dirs: AppDirs, model: str, lora_dirs: Iterable[str | 
     return None
 
 
-def check_outputs_dir(value: str, dirs: AppDirs, *, model: str = "", lora_dirs: Iterable[str | Path] = ()) -> Path:
+def check_outputs_dir(value: str, dirs: AppDirs, *, model: str = "", lora_dirs: Iterable[str | Path] = (),
+                      **more: Any) -> Path:
     """The folder `outputs_dir` names (the default for an empty value), or SettingsError saying why not."""
     if not value:
         return dirs.default_outputs
     folder = _resolved(Path(value))
-    why = _refusal(folder, dirs, model, lora_dirs)
+    why = _refusal(folder, dirs, model, lora_dirs, **more)
     if why:
         raise SettingsError(f"`outputs_dir` {value!r} is refused: {why}, and the outputs folder is served to the "
                             "app's visitors. Choose a folder of its own, e.g. ~/Pictures/lora-studio")
     return folder
 
 
-def choose_outputs(value: str, dirs: AppDirs, *, model: str = "", lora_dirs: Iterable[str | Path] = ()) \
-        -> tuple[Path, str | None]:
+def choose_outputs(value: str, dirs: AppDirs, *, model: str = "", lora_dirs: Iterable[str | Path] = (),
+                   **more: Any) -> tuple[Path, str | None]:
     """The folder to save into for this run, created, and a notice when `value` could not be used.
 
     At start a refused or uncreatable `outputs_dir` (`/proc/x`) falls back to the default outputs
@@ -115,7 +119,7 @@ def choose_outputs(value: str, dirs: AppDirs, *, model: str = "", lora_dirs: Ite
     """
     default = dirs.default_outputs
     folder = _resolved(Path(value)) if value else default
-    why = _refusal(folder, dirs, model, lora_dirs) if value else None
+    why = _refusal(folder, dirs, model, lora_dirs, **more) if value else None
     if why is None:
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -67,8 +67,8 @@ class Session:
         with self._outputs_lock:
             if self._outputs is None:
                 s = self.settings
-                self._outputs, notice = choose_outputs(s.outputs_dir, self.dirs, model=s.model,
-                                                       lora_dirs=s.lora_dirs)
+                self._outputs, notice = choose_outputs(s.outputs_dir, self.dirs, model=s.model, lora_dirs=s.lora_dirs,
+                                                       model_dirs=s.model_dirs, vae=s.vae)
                 if notice:
                     self.notices.append(notice)
             return self._outputs

@@ -27,11 +27,12 @@ from studio.session import Session
 from studio.settings import Applies, Settings, SettingsFile, field_names, read_settings, save_settings, to_dict
 from ui.access import ServerInfo, is_local
 from ui.errors import engine_call
-from ui.pref_checks import check_folders, problems, refusal
+from ui.pref_checks import check_folders, labelled, problems, refusal
 from ui.pref_fields import (APPLIES_BADGE, SECRET_FIELDS, describe_value, from_widget, info_for, make_widget, sections,
                             shown, to_widget, widget_info)
 from ui.report_view import render_unpatch_costs
 
+SERVED_CHECK_FIELDS = frozenset({"outputs_dir", "model", "vae", "model_dirs", "lora_dirs"})  # see check_served
 READ_ONLY_NOTE = ("🔒 **Read-only through the public link.** Preferences can be changed only on the computer "
                   "running LoRA Studio.")
 
@@ -82,6 +83,13 @@ class Change:
         return {"from": to_widget(self.old), "to": to_widget(self.new), "applies": self.applies.value}
 
 
+def check_served(session: Session, new: Settings) -> None:
+    """The outputs folder is served to every visitor: it must be a folder of its own, holding none of
+    the folders the app reads (studio/outputs.py); SettingsError says why not."""
+    check_outputs_dir(new.outputs_dir, session.dirs, model=new.model, lora_dirs=new.lora_dirs,
+                      model_dirs=new.model_dirs, vae=new.vae)
+
+
 def saved_file(session: Session) -> SettingsFile:
     """What the settings file holds (defaults when there is none yet), and which values fell back."""
     return read_settings(session.dirs.settings_file, warn=False)  # warned once, at start
@@ -103,9 +111,8 @@ def commit(session: Session, new: Settings, touched: set[str]) -> list[Change]:
     old = file.settings
     keep_raw = {name: fallback.raw for name, fallback in file.fallbacks.items() if name not in touched}
     changes = [Change(n, getattr(old, n), getattr(new, n)) for n in field_names() if getattr(old, n) != getattr(new, n)]
-    if {"outputs_dir", "lora_dirs", "model"} & {c.name for c in changes}:
-        # the outputs folder is served to every visitor: a folder of its own (studio/outputs.py)
-        check_outputs_dir(new.outputs_dir, session.dirs, model=new.model, lora_dirs=new.lora_dirs)
+    if SERVED_CHECK_FIELDS & {c.name for c in changes}:
+        check_served(session, new)
     live = {c.name: to_dict(new)[c.name] for c in changes if c.applies is not Applies.RESTART}
     if live:
         session.apply_settings(session.settings.replace(**live))
@@ -283,6 +290,11 @@ def wire_preferences(panel: PreferencesPanel, session: Session, server: ServerIn
         saved = saved_settings(session)
         changed = edited(saved, changes)
         found = problems(saved, changed)
+        if not found and SERVED_CHECK_FIELDS & changed.keys():
+            try:
+                check_served(session, saved.replace(**changed))
+            except SettingsError as err:
+                found["outputs_dir"] = labelled(str(err))
         if found:
             return {**{c: gr.skip() for c in outputs}, **_errors_shown(panel, found), panel.result: refusal(found)}
         return after(save_changes(session, server, changed, request), "Saved", request)

@@ -265,3 +265,17 @@ def test_the_saved_password_never_reaches_the_page(page, tiny_session):
         assert "s3cret-in-the-file" not in page.content()
     finally:
         path.write_text(before) if before is not None else path.unlink(missing_ok=True)
+
+
+def test_an_outputs_folder_that_would_serve_other_files_is_named_at_its_control(page):
+    """Issue 11, item 2: `/` as the outputs folder served /etc/passwd; the panel refuses it where it was typed."""
+    from playwright.sync_api import expect
+
+    open_tab(page, "Preferences")
+    expect(page.locator("#prefs-note")).to_contain_text("Loaded from", timeout=LONG)
+    page.locator("#pref-outputs_dir").locator("textarea, input").first.fill("/")
+    page.locator("#prefs-save").click()
+    expect(page.locator("#pref-error-outputs_dir")).to_contain_text("is refused: it is the filesystem root",
+                                                                   timeout=LONG)
+    expect(page.locator("#prefs-result")).to_contain_text("Nothing was saved: 1 value needs fixing")
+    expect(page.locator(".toast-body")).to_have_count(0)

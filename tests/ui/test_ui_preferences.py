@@ -83,6 +83,21 @@ def test_an_outputs_folder_that_would_serve_other_files_is_refused_at_save(prefs
     assert client.predict({"outputs_dir": str(fine)}, api_name="/save_preferences")["changed"]["outputs_dir"]
 
 
+def test_a_model_folder_of_the_model_picker_is_no_outputs_folder(prefs, tmp_path):
+    """Main's model picker reads checkpoints from `model_dirs`: serving one would serve them."""
+    session, client = prefs
+    models = tmp_path / "models"
+    models.mkdir()
+    client.predict({"model_dirs": [str(models)]}, api_name="/save_preferences")
+    for value, why in ((models, "it is a model folder"), (tmp_path, "it holds a model folder")):
+        with pytest.raises(AppError, match=why):
+            client.predict({"outputs_dir": str(value)}, api_name="/save_preferences")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(AppError, match="it is a model folder"):  # the other way round too
+        client.predict({"outputs_dir": str(tmp_path / "out"), "model_dirs": [str(tmp_path / "out")]},
+                       api_name="/save_preferences")
+
+
 def test_reset_puts_defaults_back_and_says_what_changed(prefs):
     session, client = prefs
     client.predict({"default_steps": 9, "share": True}, api_name="/save_preferences")
