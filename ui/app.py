@@ -92,8 +92,8 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
 
         report_outputs = [report.table, report.json_files, report.phase_plot, report.memory_plot]
 
-        def refresh_report(own: list) -> dict:
-            return refresh_report_panel(report, session, own)
+        def refresh_report(own: list, request: gr.Request) -> dict:
+            return refresh_report_panel(report, session, own, is_local(request, server))
 
         def header() -> str:
             return model_text(session) + READY
@@ -144,7 +144,7 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
             live, public, memory = lines(request)
             return {**panel_values(prefs, session, server, request), gen.steps: settings.default_steps,
                     gen.cfg: settings.default_cfg, live_status: live, public_line: public, report.live_memory: memory,
-                    **refresh_report([]), model_line: header()}
+                    **refresh_report([], request), model_line: header()}
 
         app.load(on_load, None, [*prefs.widgets.values(), prefs.note, prefs.unpatch_costs, prefs.save, prefs.reset,
                                  gen.steps, gen.cfg, live_status, public_line, report.live_memory, *report_outputs,
