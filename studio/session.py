@@ -60,7 +60,8 @@ class Session:
 
     @property
     def outputs_root(self) -> Path:
-        """The folder images are saved in (the outputs_dir setting, else the per-user data folder), chosen (and created) once: `outputs_dir` needs a restart.
+        """The folder images are saved in (the outputs_dir setting, else the per-user data folder),
+        chosen (and created) once: `outputs_dir` needs a restart.
 
         A refused or uncreatable `outputs_dir` falls back to the default folder with a notice.
         """
