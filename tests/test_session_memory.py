@@ -100,7 +100,7 @@ def test_an_out_of_memory_right_after_a_cold_load_frees_the_cache_that_load_made
 
     monkeypatch.setattr(session_module, "load_warm_pipeline", lambda *args, **kwargs: Warm())
     monkeypatch.setattr(session_module, "generate", oom)
-    cold = Session(Settings(device="cpu", precision=Precision.BF16), session_dirs)
+    cold = Session(Settings(device="cpu", precision=Precision.BF16, live_preview=False), session_dirs)  # a fake model
     assert cold.warm is None
     with pytest.raises(OutOfMemory, match="out of memory during the generation"):
         cold.generate(_req(), out_path=tmp_path / "oom.png")
