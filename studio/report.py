@@ -35,6 +35,7 @@ class Report:
     model: dict[str, Any]
     device: str
     dtype: str
+    dtype_reason: str = ""  # why this dtype: "fp32: no native bf16 on this CPU (AVX2), probe bf16 60x slower ..."
     phases: dict[str, float] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -74,4 +75,6 @@ class Report:
                          f"unchanged; unpatch: {unpatch['method']} ({unpatch['tensors']} tensors)")
         lines.append(f"{len(self.step_seconds)} steps at {self.it_per_s:.2f} it/s on {self.device} ({self.dtype}); "
                      + "; ".join(mem))
+        if self.dtype_reason:
+            lines.append(f"precision {self.dtype_reason}")
         return "\n".join(lines)

@@ -104,7 +104,7 @@ class Session:
     def __init__(self, settings: Settings | None = None, dirs: AppDirs | None = None) -> None:
         self.settings = settings or Settings()
         self.dirs = dirs or app_dirs()
-        self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision)
+        self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision, self.dirs.cache)
         self._lock = threading.Lock()  # held for the whole of a generation or a model switch
         self._state_lock = threading.Lock()  # guards the counters below
         self._waiting = 0
@@ -130,7 +130,7 @@ class Session:
         settings = settings.validated()
         changed = {name: SETTING_INFO[name].applies for name in SETTING_INFO
                    if getattr(settings, name) != getattr(self.settings, name)}
-        runtime = resolve_runtime(settings.device, settings.precision)  # raises before anything changes
+        runtime = resolve_runtime(settings.device, settings.precision, self.dirs.cache)  # raises first
         keep = {name: getattr(self.settings, name) for name, applies in changed.items() if applies is Applies.RESTART}
         live = settings.replace(**keep) if keep else settings
         lora_settings = patcher_settings(live.lora_mode, live.unpatch_lora_by_vram_offload)
@@ -287,7 +287,7 @@ class Session:
         width = request.width or self.native_size
         height = request.height or self.native_size
         report = Report(request=request.to_dict() | {"width": width, "height": height}, model=self.model.to_dict(),
-                        device=str(device), dtype=self.runtime.dtype_name)
+                        device=str(device), dtype=self.runtime.dtype_name, dtype_reason=self.runtime.reason)
         placement = self._placement
         with MemoryWatch(placement) as watch, torch.inference_mode():
             try:

@@ -53,7 +53,8 @@ def model_text(session: Session) -> str:
     if model is None:
         return "No model loaded yet (it loads with the next generation)"
     kind = "built-in demo model" if model.source.is_demo else model.source.kind.value
-    return f"**{model.source.name}** ({kind}) on {session.runtime.device}/{session.runtime.dtype_name}"
+    why = f" · {session.runtime.reason}" if session.runtime.reason else ""
+    return f"**{model.source.name}** ({kind}) on {session.runtime.device}/{session.runtime.dtype_name}{why}"
 
 
 def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:

@@ -61,7 +61,8 @@ def render_report(report: Report) -> str:
     head = (f"**{model.get('name')}** ({'built-in demo model' if model.get('demo') else model.get('kind')}, "
             f"hash {model.get('hash')}) on {report.device}/{report.dtype} · seed {req.get('seed')} · "
             f"{req.get('width')}×{req.get('height')} · {req.get('sampler')} · CFG {req.get('cfg')}")
-    lines = [head, "", step_line, "", "| phase | time | share |", "|---|---:|---:|", *rows, "",
+    why = [f"Precision: {report.dtype_reason}"] if report.dtype_reason else []  # older reports have none
+    lines = [head, *why, "", step_line, "", "| phase | time | share |", "|---|---:|---:|", *rows, "",
              *render_memory(report.memory)]
     if report.lora:
         lines += ["", *render_lora(report.lora)]
