@@ -76,6 +76,7 @@ class ModelInfo:
     source: ModelSource
     sha256: str
     load_seconds: float
+    load_parts: dict[str, float] = field(default_factory=dict)  # seconds: imports, read_build, hash, ...
 
     @property
     def short_hash(self) -> str:
@@ -83,7 +84,8 @@ class ModelInfo:
 
     def to_dict(self) -> dict:
         return {"name": self.source.name, "kind": self.source.kind.value, "location": self.source.location,
-                "hash": self.short_hash, "load_seconds": round(self.load_seconds, 4), "demo": self.source.is_demo}
+                "hash": self.short_hash, "load_seconds": round(self.load_seconds, 4), "demo": self.source.is_demo,
+                "load_parts": {name: round(seconds, 4) for name, seconds in self.load_parts.items()}}
 
 
 @dataclass
@@ -155,9 +157,10 @@ class Session:
 
     def _load_locked(self, source: ModelSource) -> ModelInfo:
         self._unload_locked()  # before loading the new one: peak RAM is one model
-        start = time.perf_counter()
-        pipe = load_pipeline(source, self.runtime.dtype, self.runtime.device)
-        sha = model_sha256(source.path, self.dirs.cache / "model-hashes.json") if source.kind.value != "hub" else ""
+        start, parts = time.perf_counter(), PhaseTimer()  # parts: imports, read_build, hash, placement, lora_bind
+        pipe = load_pipeline(source, self.runtime.dtype, self.runtime.device, parts)
+        with parts.phase("hash"):
+            sha = model_sha256(source.path, self.dirs.cache / "model-hashes.json") if source.kind.value != "hub" else ""
         device, settings = self.runtime.device, self.settings
         self._load_notes = []
         fp8 = False
@@ -167,18 +170,21 @@ class Session:
                 enable_fp8_storage(pipe.unet, self.runtime.dtype)  # before caching: the pristine copy is fp8 too
             else:
                 self._load_notes.append(f"fp8 storage is off: {why}")
-        self._cache = ModelCache(device, ram_budget=self._budgets().ram or None,
-                                 vram_budget=self._budgets().vram or None)
-        self._placement = apply_memory_mode(pipe, settings.memory_mode, device, self._budgets(),
-                                            settings.stream_lookahead, cache=self._cache, key_prefix=f"{sha[:12]}:")
+        with parts.phase("placement"):  # the pristine RAM copies are made here
+            self._cache = ModelCache(device, ram_budget=self._budgets().ram or None,
+                                     vram_budget=self._budgets().vram or None)
+            self._placement = apply_memory_mode(pipe, settings.memory_mode, device, self._budgets(),
+                                                settings.stream_lookahead, cache=self._cache,
+                                                key_prefix=f"{sha[:12]}:")
         not_mergeable = "streamed" if self._placement.mode == "stream" else "stored in fp8" if fp8 else ""
-        self.loras.bind({attr: getattr(pipe, attr) for attr in COMPONENT_ATTRS},
-                        pristine_source=self._placement.pristine,
-                        sidecar_predicate=lambda m: needs_sidecar(m) or must_run_lora_as_sidecar(m),
-                        unet_must_not_merge=not_mergeable)
+        with parts.phase("lora_bind"):
+            self.loras.bind({attr: getattr(pipe, attr) for attr in COMPONENT_ATTRS},
+                            pristine_source=self._placement.pristine,
+                            sidecar_predicate=lambda m: needs_sidecar(m) or must_run_lora_as_sidecar(m),
+                            unet_must_not_merge=not_mergeable)
         self._pipe = pipe
         self._default_scheduler_config = dict(pipe.scheduler.config)
-        self.model = ModelInfo(source, sha, time.perf_counter() - start)
+        self.model = ModelInfo(source, sha, time.perf_counter() - start, parts.phases)
         log.info("loaded %s (%s) in %.2fs on %s/%s, memory mode %s", source.name, source.kind.value,
                  self.model.load_seconds, device, self.runtime.dtype_name, self._placement.mode)
         return self.model
@@ -191,6 +197,7 @@ class Session:
 
     def _unload_locked(self) -> None:
         """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache."""
+        loaded = self._pipe is not None or self._placement is not None  # else nothing to free: no gc pass
         try:
             self.loras.unbind()  # restores the weights and forgets parses bound to its layer names
         finally:
@@ -200,7 +207,8 @@ class Session:
             self._cache = None
             self._pipe = None
             self.model = None
-            release_freed_memory()
+            if loaded:
+                release_freed_memory()
 
     def _ensure_model(self) -> None:
         if self._pipe is None:

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from studio.report import Report
+from studio.report import Report, load_breakdown
 
 _MB = 1024 * 1024
 PHASE_LABELS = {
@@ -62,8 +62,9 @@ def render_report(report: Report) -> str:
             f"hash {model.get('hash')}) on {report.device}/{report.dtype} · seed {req.get('seed')} · "
             f"{req.get('width')}×{req.get('height')} · {req.get('sampler')} · CFG {req.get('cfg')}")
     why = [f"Precision: {report.dtype_reason}"] if report.dtype_reason else []  # older reports have none
-    lines = [head, *why, "", step_line, "", "| phase | time | share |", "|---|---:|---:|", *rows, "",
-             *render_memory(report.memory)]
+    loaded = load_breakdown(report.model) if "model_load" in phases else ""
+    lines = [head, *why, "", step_line, *(["", f"Model load: {loaded}"] if loaded else []), "",
+             "| phase | time | share |", "|---|---:|---:|", *rows, "", *render_memory(report.memory)]
     if report.lora:
         lines += ["", *render_lora(report.lora)]
     if report.status != "ok":
