@@ -1,0 +1,70 @@
+"""What precision auto picks on this CPU, and whether it is the fast one: the probe, then real generates.
+
+    python -m bench.cpu_precision                        # probe 3x, then a default generate per dtype
+    python -m bench.cpu_precision --steps 4 --rounds 3   # shorter generates, medians of 3
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.cpu_precision   # as an AVX2-only CPU
+
+The generates run `launch.py generate` in fresh processes (fp32, bf16, auto in turn, each round),
+on the embedded model at its default size; the time compared is the report's total without the
+model load. The target (issue 9): auto within 1.3x of the faster of fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def generate_seconds(precision: str, steps: int, home: Path) -> tuple[float, str]:
+    report = home / f"{precision}.json"
+    env = {**os.environ, "LORA_STUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(ROOT / "launch.py"), "generate", "--prompt", "a red circle", "--seed", "1",
+                    "--steps", str(steps), "--precision", precision, "--out", str(home / f"{precision}.png"),
+                    "--report", str(report)], env=env, check=True, capture_output=True, text=True)
+    data = json.loads(report.read_text())
+    phases = data["phases"]
+    return phases["total"] - phases.get("model_load", 0.0), data["dtype"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--probe-only", action="store_true")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from studio import cpu_probe
+
+    cap = cpu_probe.detect_capability()
+    print(f"capability: native bf16 {cap.native_bf16}, {cap.label}" + (f" ({cap.detail})" if cap.detail else ""))
+    for _ in range(3):
+        result = cpu_probe.run_probe()
+        print(f"probe {result.seconds:.3f} s: {cpu_probe.decide(cap, result).reason}")
+    if args.probe_only:
+        return 0
+    times: dict[str, list[float]] = {"fp32": [], "bf16": [], "auto": []}
+    picked = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for precision in times:
+                seconds, dtype = generate_seconds(precision, args.steps, Path(tmp))
+                times[precision].append(seconds)
+                picked = dtype if precision == "auto" else picked
+    median = {k: statistics.median(v) for k, v in times.items()}
+    fastest = min(median["fp32"], median["bf16"])
+    for precision, seconds in median.items():
+        print(f"generate {args.steps} steps, {precision:4s}: {seconds:7.2f} s (median of {args.rounds})")
+    print(f"auto ran {picked}: {median['auto'] / fastest:.2f}x the faster of fp32 and bf16 (target <= 1.3x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
