@@ -6,7 +6,7 @@
 
 The generates run `launch.py generate` in fresh processes (fp32, bf16, auto in turn, each round),
 on the embedded model at its default size; the time compared is the report's total without the
-model load. The target (issue 9): auto within 1.3x of the faster of fp32 and bf16.
+model load, best of the rounds (on a shared machine the least disturbed run shows the kernels). The target (issue 9): auto within 1.3x of the faster of fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -58,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                 seconds, dtype = generate_seconds(precision, args.steps, Path(tmp))
                 times[precision].append(seconds)
                 picked = dtype if precision == "auto" else picked
-    median = {k: statistics.median(v) for k, v in times.items()}
-    fastest = min(median["fp32"], median["bf16"])
-    for precision, seconds in median.items():
-        print(f"generate {args.steps} steps, {precision:4s}: {seconds:7.2f} s (median of {args.rounds})")
-    print(f"auto ran {picked}: {median['auto'] / fastest:.2f}x the faster of fp32 and bf16 (target <= 1.3x)")
+    # best of the rounds: on a shared machine the least disturbed run is the one that shows the kernels
+    best = {k: min(v) for k, v in times.items()}
+    fastest = min(best["fp32"], best["bf16"])
+    for precision, seconds in best.items():
+        print(f"generate {args.steps} steps, {precision:4s}: best {seconds:7.2f} s, "
+              f"median {statistics.median(times[precision]):7.2f} s of {args.rounds}")
+    print(f"auto ran {picked}: best {best['auto'] / fastest:.2f}x the faster of fp32 and bf16 (target <= 1.3x)")
     return 0
 
 
