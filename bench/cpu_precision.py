@@ -1,12 +1,13 @@
 """What precision auto picks on this CPU, and whether it is the fast one: the probe, then real generates.
 
     python -m bench.cpu_precision                        # probe 3x, then a default generate per dtype
-    python -m bench.cpu_precision --steps 4 --rounds 3   # shorter generates, medians of 3
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.cpu_precision   # as an AVX2-only CPU
+    python -m bench.cpu_precision --steps 4 --rounds 3   # shorter generates, best of 3
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.cpu_precision   # as on AVX2 only
 
 The generates run `launch.py generate` in fresh processes (fp32, bf16, auto in turn, each round),
-on the embedded model at its default size; the time compared is the report's total without the
-model load, best of the rounds (on a shared machine the least disturbed run shows the kernels). The target (issue 9): auto within 1.3x of the faster of fp32 and bf16.
+on the embedded model at its default size. The time compared is the report's total without the
+model load, best of the rounds: on a shared machine the least disturbed run shows the kernels.
+The target (issue 9): auto within 1.3x of the faster of fp32 and bf16.
 """
 
 from __future__ import annotations
