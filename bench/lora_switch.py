@@ -195,7 +195,8 @@ def _run(config: Config) -> dict[str, Any]:
     from bench._sdxl_random import build_sdxl, load_tiny
     from studio.lora.cache import LoraCache
     from studio.lora.keymap import ModelIndex
-    from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings
+    from studio.choices import LoraMode
+    from studio.lora.patcher import LoraPatcher, PatcherSettings
     from studio.lora.reader import read_lora
     from studio.paths import app_dirs
 

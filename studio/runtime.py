@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
+from studio.choices import Device, Precision
+from studio.cpu_probe import choose_cpu_precision
 from studio.errors import SettingsError
-from studio.settings import Device, Precision
 
 _DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
@@ -40,8 +41,6 @@ def resolve_runtime(device: Device | str, precision: Precision | str, cache_dir:
     elif device is Device.CUDA:
         precision, reason = Precision.FP16, "fp16: auto on CUDA"
     else:
-        from studio.cpu_probe import choose_cpu_precision
-
         choice = choose_cpu_precision(cache_dir)
         precision, reason = (Precision.BF16 if choice.bf16 else Precision.FP32), choice.reason
     return Runtime(torch.device(device.value), _DTYPES[precision], reason)

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -18,12 +19,12 @@ from pathlib import Path
 import torch
 
 from studio.errors import ModelLoadError
+from studio.file_formats import PICKLE_SUFFIXES
 from studio.paths import TINY_MODEL_DIR
 from studio.report import PhaseTimer
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -75,19 +76,20 @@ def resolve_source(spec: str | os.PathLike | None) -> ModelSource:
 
 
 def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None,
-                  timer: PhaseTimer | None = None):
+                  on_progress: Callable[[float], None] | None = None, timer: PhaseTimer | None = None):
     """Load an SDXL pipeline on the CPU in `dtype`; the memory placement moves weights to `device`.
 
     `device` becomes the pipeline's execution device: with offload or streaming, components
     rest in RAM between phases, and diffusers would otherwise create latents on the CPU.
-    `timer` gets the phases "imports" (diffusers' and transformers' pipeline modules: only the
-    first load in a process pays them) and "read_build" (configs, tokenizers, weights, modules).
+    `on_progress(fraction)` hears a single file's read progress. `timer` gets the phases "imports"
+    (diffusers' and transformers' pipeline modules: only the first load in a process pays them) and
+    "read_build" (configs, tokenizers, weights, modules).
     """
     timer = timer or PhaseTimer()
     with timer.phase("imports"):
         StableDiffusionXLPipeline = import_pipeline_modules()
     with timer.phase("read_build"):
-        pipe = _from_source(source, dtype, StableDiffusionXLPipeline)
+        pipe = _from_source(source, dtype, StableDiffusionXLPipeline, on_progress)
     if device is not None:
         pipe.__class__ = _with_execution_device(type(pipe))
         pipe._studio_device = torch.device(device)
@@ -121,12 +123,13 @@ def import_pipeline_modules() -> type:
     return StableDiffusionXLPipeline
 
 
-def _from_source(source: ModelSource, dtype: torch.dtype, StableDiffusionXLPipeline: type):
+def _from_source(source: ModelSource, dtype: torch.dtype, StableDiffusionXLPipeline: type,
+                 on_progress: Callable[[float], None] | None):
     try:
         if source.kind is SourceKind.SINGLE_FILE:
             from studio.models.single_file import load_single_file
 
-            pipe = load_single_file(source.path, torch_dtype=dtype)
+            pipe = load_single_file(source.path, torch_dtype=dtype, on_progress=on_progress)
         else:
             offline = source.kind is not SourceKind.HUB or os.environ.get("HF_HUB_OFFLINE") == "1"
             pipe = StableDiffusionXLPipeline.from_pretrained(
