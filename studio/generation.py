@@ -68,7 +68,7 @@ def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out: Path | Output
     request = job.request  # its seed is concrete: the caller chose the file name from it
     width, height = request.width or warm.native_size, request.height or warm.native_size
     report = Report(request=request.to_dict() | {"width": width, "height": height}, model=warm.info.to_dict(),
-                    device=str(warm.runtime.device), dtype=warm.runtime.dtype_name)
+                    device=str(warm.runtime.device), dtype=warm.runtime.dtype_name, dtype_reason=warm.runtime.reason)
     meter = PreviewMeter(preview and warm.preview is not None)
     with MemoryWatch(warm.placement) as watch, torch.inference_mode():
         try:

@@ -16,6 +16,19 @@ from typing import Any, Callable, Iterator
 PhaseCallback = Callable[[str], None]  # told a phase's name ("text_encode", "vae_decode", ...) as it starts
 
 
+# What `model_load` is made of (ModelInfo.load_parts): the first load in a process also imports
+# diffusers' and transformers' pipeline modules, later ones find them imported.
+LOAD_PART_LABELS = {"imports": "imports", "read_build": "read + build", "vae": "separate VAE", "hash": "hash",
+                    "placement": "placement + pristine copies", "lora_bind": "LoRA bind",
+                    "preview": "live-preview fit"}
+
+
+def load_breakdown(model: dict[str, Any]) -> str:
+    """ "imports 2.91 s · read + build 0.95 s · ..." from a report's `model` dict; "" for older reports."""
+    parts = model.get("load_parts") or {}
+    return " · ".join(f"{LOAD_PART_LABELS.get(name, name)} {seconds:.2f} s" for name, seconds in parts.items())
+
+
 class PhaseTimer:
     """Wall time per named phase; a phase entered twice accumulates.
 
@@ -44,6 +57,7 @@ class Report:
     model: dict[str, Any]
     device: str
     dtype: str
+    dtype_reason: str = ""  # why this dtype: "fp32: no native bf16 on this CPU (AVX2), probe bf16 60x slower ..."
     phases: dict[str, float] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
@@ -91,6 +105,8 @@ class Report:
         mb = 1024 * 1024
         order = [k for k in self.phases if k != "total"] + (["total"] if "total" in self.phases else [])
         lines = ["  ".join(f"{name} {self.phases[name]:.3f}s" for name in order)]
+        if "model_load" in self.phases and load_breakdown(self.model):
+            lines.append(f"model_load: {load_breakdown(self.model)}")
         mem = [f"peak RSS {self.memory.get('peak_rss', 0) / mb:.0f} MB"]
         if "cuda_peak_allocated" in self.memory:
             mem.append(f"VRAM peak {self.memory['cuda_peak_allocated'] / mb:.0f} MB allocated, "
@@ -102,4 +118,6 @@ class Report:
                          f"unchanged; unpatch: {unpatch['method']} ({unpatch['tensors']} tensors)")
         lines.append(f"{len(self.step_seconds)} steps at {self.it_per_s:.2f} it/s on {self.device} ({self.dtype}); "
                      + "; ".join(mem))
+        if self.dtype_reason:
+            lines.append(f"precision {self.dtype_reason}")
         return "\n".join(lines)

@@ -45,7 +45,7 @@ class Session:
     def __init__(self, settings: Settings | None = None, dirs: AppDirs | None = None) -> None:
         self.settings = settings or Settings()
         self.dirs = dirs or app_dirs()
-        self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision)
+        self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision, self.dirs.cache)
         self._slot = JobSlot()
         self._warm: WarmPipeline | None = None
         # the last reports, oldest first; kept on disk, so the charts survive a restart
@@ -87,7 +87,7 @@ class Session:
         settings = settings.validated()
         changed = {name: SETTING_INFO[name].applies for name in SETTING_INFO
                    if getattr(settings, name) != getattr(self.settings, name)}
-        runtime = resolve_runtime(settings.device, settings.precision)  # raises before anything changes
+        runtime = resolve_runtime(settings.device, settings.precision, self.dirs.cache)  # raises first
         keep = {name: getattr(self.settings, name) for name, applies in changed.items() if applies is Applies.RESTART}
         live = settings.replace(**keep) if keep else settings
         lora_settings = patcher_settings(live.lora_mode, live.unpatch_lora_by_vram_offload)
@@ -149,7 +149,11 @@ class Session:
         if self.settings.live_preview:
             if on_progress is not None:
                 on_progress("preview", None)
+            start = time.perf_counter()
             self._fit_preview(warm)
+            took = time.perf_counter() - start  # part of the load, so model_load is the sum of load_parts
+            warm.info = replace(warm.info, load_seconds=warm.info.load_seconds + took,
+                                load_parts=warm.info.load_parts | {"preview": took})
         return warm
 
     def _fit_preview(self, warm: WarmPipeline) -> None:
@@ -192,14 +196,20 @@ class Session:
             warm.cache.set_budgets(budgets.ram or None, budgets.vram or None)
 
     def _unload_locked(self) -> None:
-        """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache."""
+        """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache.
+
+        With no pipeline loaded there is nothing to free, so no gc pass (a full one cost 1.5-1.9 s
+        before the first load on the 2-core machine, issue 9).
+        """
         warm, self._warm = self._warm, None
         try:
             self.loras.unbind()  # restores the weights and forgets parses bound to its layer names
         finally:
             if warm is not None:
-                warm.close()
-            release_freed_memory()
+                try:
+                    warm.close()
+                finally:
+                    release_freed_memory()
 
     def close(self) -> None:
         with self._slot.exclusive():

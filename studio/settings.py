@@ -95,7 +95,8 @@ SETTING_INFO: dict[str, SettingInfo] = {
     "outputs_dir": SettingInfo("Output folder", "where PNGs are saved; empty = the per-user data folder",
                                Applies.RESTART),
     "device": SettingInfo("Device", "auto = CUDA when present", Applies.MODEL_RELOAD),
-    "precision": SettingInfo("Precision", "auto = fp16 on CUDA, bf16 on CPU", Applies.MODEL_RELOAD),
+    "precision": SettingInfo("Precision", "auto = fp16 on CUDA; on a CPU bf16 where it has native bf16 "
+                             "(checked by a short probe), else fp32", Applies.MODEL_RELOAD),
     "lora_mode": SettingInfo("LoRA mode", "merged = full speed; sidecar = instant switching; auto = per layer",
                              Applies.NOW),
     "unpatch_lora_by_vram_offload": SettingInfo(

@@ -60,11 +60,12 @@ def model_text(session: Session) -> str:
     """The header's model line: what is loaded, on which device and in which precision, right now."""
     model = session.model
     runtime = f"{session.runtime.device}/{session.runtime.dtype_name}"
+    why = f" · {session.runtime.reason}" if session.runtime.reason else ""  # precision: which and why (issue 9)
     if model is None:
-        return f"No model loaded yet (it loads with the next generation, on {runtime})"
+        return f"No model loaded yet (it loads with the next generation, on {runtime}){why}"
     kind = "built-in demo model" if model.source.is_demo else model.source.kind.value.replace("_", " ")
     vae = f" + VAE {model.vae_name}" if model.vae else ""
-    return f"**{model.source.name}** ({kind}){vae} on {runtime}"
+    return f"**{model.source.name}** ({kind}){vae} on {runtime}{why}"
 
 
 def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from studio.report import Report
+from studio.report import Report, load_breakdown
 
 _MB = 1024 * 1024
 PHASE_LABELS = {
@@ -60,8 +60,10 @@ def render_report(report: Report) -> str:
     head = (f"**{model.get('name')}** ({'built-in demo model' if model.get('demo') else model.get('kind')}, "
             f"hash {model.get('hash')}) on {report.device}/{report.dtype} · seed {req.get('seed')} · "
             f"{req.get('width')}×{req.get('height')} · {req.get('sampler')} · CFG {req.get('cfg')}")
-    lines = [head, "", step_line, "", "| phase | time | share |", "|---|---:|---:|", *rows, "",
-             *render_memory(report.memory)]
+    why = [f"Precision: {report.dtype_reason}"] if report.dtype_reason else []  # older reports have none
+    loaded = load_breakdown(report.model) if "model_load" in phases else ""
+    lines = [head, *why, "", step_line, *(["", f"Model load: {loaded}"] if loaded else []), "",
+             "| phase | time | share |", "|---|---:|---:|", *rows, "", *render_memory(report.memory)]
     if report.lora:
         lines += ["", *render_lora(report.lora)]
     preview = render_preview(report.preview)

@@ -109,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {err}")
         return 2
     print(f"model: {info.source.name} ({info.source.kind.value}) loaded in {info.load_seconds:.2f}s "
-          f"on {session.runtime.device}/{session.runtime.dtype_name}")
+          f"on {session.runtime.device}/{session.runtime.dtype_name} ({session.runtime.reason})")
     port = args.port if args.port is not None else session.settings.port
     share = bool(getattr(args, "share", False) or session.settings.share)
     running = launch_app(session, port=port or None, quiet=True, share=share, announce=print, start_tunnel=False)

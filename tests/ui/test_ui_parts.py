@@ -58,6 +58,20 @@ def test_size_presets_cover_the_sdxl_buckets_and_a_demo_scale():
     assert preset_for(demo, 288, 224).startswith("288×224 (9:7") and preset_for(demo, 200, 200) == CUSTOM
 
 
+def test_the_report_says_why_this_precision_and_what_the_model_load_was():
+    report = _report()
+    assert "Precision" not in render_report(report) and "Model load" not in render_report(report)  # older reports
+    report.dtype_reason = "fp32: no native bf16 on this CPU (AVX2), probe bf16 60x slower than fp32"
+    report.phases = {"model_load": 3.5, **report.phases}
+    report.model = {**report.model, "load_parts": {"imports": 2.5, "read_build": 0.8, "hash": 0.01,
+                                                   "placement": 0.15, "lora_bind": 0.04}}
+    text = render_report(report)
+    assert "Precision: fp32: no native bf16 on this CPU (AVX2), probe bf16 60x slower than fp32" in text
+    assert ("Model load: imports 2.50 s · read + build 0.80 s · hash 0.01 s · placement + pristine copies 0.15 s"
+            " · LoRA bind 0.04 s") in text
+    assert "model_load: imports 2.50 s" in report.summary() and "precision fp32: no native" in report.summary()
+
+
 def test_report_table_frames_and_unpatch_costs():
     text = render_report(_report(cuda=True))
     assert "| denoise | 0.200 s | 74 % |" in text and "peak VRAM allocated" in text
