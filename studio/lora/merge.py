@@ -19,6 +19,7 @@ from torch import nn
 
 from studio.errors import LoraError
 from studio.lora.base import LayerPatch, LoraFile
+from studio.lora.formats.common import all_finite
 from studio.lora.sidecar import Entry
 
 # CPU merges run in row blocks of about this many fp32 bytes, so the accumulator stays in cache: one
@@ -113,11 +114,13 @@ def merge_rows_cpu(param: nn.Parameter, base: torch.Tensor, entries: Sequence[En
     return True
 
 
-def check_patch(lora: LoraFile, patch: LayerPatch, module: nn.Module) -> None:
-    """Shapes against the module and finite values; once per LoRA object (cheap to repeat stacks)."""
+def check_patch(lora: LoraFile, patch: LayerPatch, module: nn.Module, finite: bool = True) -> None:
+    """Shapes against the module and (unless `finite` is False: see `check_finite`) finite values;
+    once per LoRA object (cheap to repeat stacks)."""
     shape = tuple(module.weight.shape)
     want = getattr(patch, "weight_shape", None)
-    factors = patch.factors()
+    # factors() converts to fp32: only for a patch that does not state its shape
+    factors = patch.factors() if want is None else None
     if want is not None and tuple(want) != shape:
         bad = list(want)
     elif factors is not None and (factors[0].shape[0] != shape[0] or factors[1].shape[1] != math.prod(shape[1:])
@@ -133,6 +136,19 @@ def check_patch(lora: LoraFile, patch: LayerPatch, module: nn.Module) -> None:
         if bias is None or tuple(bias.shape) != tuple(patch.bias_delta.shape):
             raise LoraError(f"{lora.name}: layer {patch.module}: bias change of shape {list(patch.bias_delta.shape)} "
                             f"does not fit its bias {None if bias is None else list(bias.shape)}")
-    extra = [patch.bias_delta] if patch.bias_delta is not None else []
-    if not all(bool(torch.isfinite(t).all()) for t in patch.tensors() + extra):
-        raise LoraError(f"{lora.name}: layer {patch.module} holds NaN or inf values; the file is damaged")
+    if finite:
+        check_finite(lora, [patch])
+
+
+def _tensors(patch: LayerPatch) -> list[torch.Tensor]:
+    return patch.tensors() + ([patch.bias_delta] if patch.bias_delta is not None else [])
+
+
+def check_finite(lora: LoraFile, patches: Sequence[LayerPatch]) -> None:
+    """NaN/inf anywhere in `patches` is a LoraError naming the first such layer (all checked at once:
+    one min/max per dtype, see `all_finite`, instead of two ops per tensor)."""
+    if all_finite(t for patch in patches for t in _tensors(patch)):
+        return
+    for patch in patches:
+        if not all(bool(torch.isfinite(t).all()) for t in _tensors(patch)):
+            raise LoraError(f"{lora.name}: layer {patch.module} holds NaN or inf values; the file is damaged")

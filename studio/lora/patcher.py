@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from studio.errors import LoraError, OutOfMemory
 from studio.lora.base import LoraFile
-from studio.lora.merge import check_patch, merge_rows_cpu, merged_value
+from studio.lora.merge import check_finite, check_patch, merge_rows_cpu, merged_value
 from studio.lora.sidecar import (FP8_DTYPES, Entry, SidecarSet, check_sidecar_module, compute_dtype_for,
                                  needs_sidecar)
 
@@ -267,12 +267,13 @@ class LoraPatcher:
             if w == 0.0:
                 continue  # the same as absent: nothing to compute, nothing to keep
             checked = self._checked.get(id(lora)) is lora
-            for patch in lora.patches:
-                if self._partial and patch.component not in self.components:
-                    continue
+            mine = [p for p in lora.patches if not (self._partial and p.component not in self.components)]
+            if not checked:
+                for patch in mine:
+                    check_patch(lora, patch, self._module(lora, patch.component, patch.module), finite=False)
+                check_finite(lora, mine)  # all of the file at once: one min/max per dtype
+            for patch in mine:
                 module = self._module(lora, patch.component, patch.module)
-                if not checked:
-                    check_patch(lora, patch, module)
                 entry = (lora, w, patch)
                 if mode is LoraMode.SIDECAR or (mode is LoraMode.AUTO and self._sidecar_predicate(module)):
                     check_sidecar_module(lora, patch.module, module)

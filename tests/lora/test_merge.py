@@ -80,3 +80,17 @@ def test_patches_that_do_not_fit_are_refused_by_name(change, message):
     patch.weight_shape = (patch.up.shape[0], 4)
     with pytest.raises(LoraError, match=re.escape(message)):
         check_patch(lora, patch, nn.Linear(4, 8))
+
+
+def test_a_whole_file_is_checked_for_nan_at_once_and_the_bad_layer_named():
+    patches = []
+    for i in range(5):
+        _, _, patch = _entry(i, 8, 4, 2, 1.0)
+        patch.module = f"layer{i}"
+        patches.append(patch)
+    lora = LoraFile(Path("l.safetensors"), "l", "kohya", "sdxl", "0" * 12, patches=patches)
+    merge.check_finite(lora, patches)  # all finite: no error
+    patches[3].down = patches[3].down.clone()
+    patches[3].down[1, 2] = float("inf")
+    with pytest.raises(LoraError, match=re.escape("layer layer3 holds NaN or inf values")):
+        merge.check_finite(lora, patches)
