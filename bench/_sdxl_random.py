@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from studio.models.architectures import SDXL_TE1, SDXL_TE2, SDXL_UNET
+from studio.phases import LORA_TARGETS
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 WEIGHT_STD = 0.02
 _SEED = 20240613
 # 16x the L3 cache of the benchmark machine, so reading pristine values from the pool is no
@@ -168,7 +168,7 @@ def load_tiny(dtype: torch.dtype, device: torch.device) -> BenchModel:
     pipe = StableDiffusionXLPipeline.from_pretrained(TINY_MODEL_DIR, torch_dtype=dtype, local_files_only=True)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    models = {c: getattr(pipe, c).eval().requires_grad_(False) for c in COMPONENTS}
+    models = {c.value: getattr(pipe, c).eval().requires_grad_(False) for c in LORA_TARGETS}
     clones = {(c, n): p.detach().clone() for c, m in models.items() for n, p in m.named_parameters()}
     stds = {(c, n.rpartition(".")[0]): float(p.float().std()) for (c, n), p in clones.items()
             if n.endswith(".weight") and p.dim() >= 2}

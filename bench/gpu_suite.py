@@ -111,21 +111,22 @@ class StepClock:
 def generate(pipe, placement, size: int, steps: int) -> tuple[list[float], float]:
     """The session's phases through `placement`; returns (seconds per step, total seconds)."""
     from studio.models.vae_decode import decode
+    from studio.phases import Phase
 
     clock, device = StepClock(placement.device), placement.device
     start = time.perf_counter()
     with torch.inference_mode():
-        with placement.phase("text_encode"):
+        with placement.phase(Phase.TEXT_ENCODE):
             e, ne, p, np_ = pipe.encode_prompt(prompt=PROMPT, device=device, num_images_per_prompt=1,
                                                do_classifier_free_guidance=True, negative_prompt=NEGATIVE)
-        with placement.phase("denoise"):
+        with placement.phase(Phase.DENOISE):
             clock.mark()
             latents = pipe(prompt_embeds=e, negative_prompt_embeds=ne, pooled_prompt_embeds=p,
                            negative_pooled_prompt_embeds=np_, num_inference_steps=steps, guidance_scale=5.0,
                            width=size, height=size, generator=torch.Generator("cpu").manual_seed(1),
                            output_type="latent",
                            callback_on_step_end=lambda _p, _i, _t, kw: clock.mark() or kw).images
-        with placement.phase("decode"):
+        with placement.phase(Phase.DECODE):
             vae = pipe.vae
             image = decode(vae, latents.to(vae.dtype) / vae.config.scaling_factor)
             pipe.image_processor.postprocess(image, output_type="pil")
@@ -203,6 +204,7 @@ def run_modes(pipe, device, dtype, args, dry: bool) -> list[dict]:
 def app_overhead(pipe, device, dtype, args, dry: bool) -> dict:
     """Session.generate (the app: phases, report, PNG with metadata) against calling the pipeline."""
     import studio.session as session_mod
+    import studio.warm_pipeline as warm_mod
     from studio.paths import AppDirs
     from studio.request import GenerationRequest
     from studio.settings import Settings
@@ -225,9 +227,9 @@ def app_overhead(pipe, device, dtype, args, dry: bool) -> dict:
     dirs = AppDirs(config=home / "config", data=home / "data", cache=home / "cache")
     for folder in (dirs.config, dirs.data, dirs.cache):
         folder.mkdir(parents=True)
-    original = session_mod.load_pipeline
+    original = warm_mod.load_pipeline
     if not dry:
-        session_mod.load_pipeline = lambda source, dt: pipe  # the random SDXL stands in for a loaded model
+        warm_mod.load_pipeline = lambda *_args, **_kw: pipe  # the random SDXL stands in for a loaded model
     try:
         precision = "bf16" if dtype == torch.bfloat16 else "fp16" if dtype == torch.float16 else "fp32"
         session = session_mod.Session(Settings(device=device.type, precision=precision), dirs)
@@ -240,7 +242,7 @@ def app_overhead(pipe, device, dtype, args, dry: bool) -> dict:
         app = time.perf_counter() - start
         session.close()
     finally:
-        session_mod.load_pipeline = original
+        warm_mod.load_pipeline = original
     app_step = statistics.median(result.report.step_seconds)
     return {"direct_total_s": direct, "app_total_s": app, "overhead_s": app - direct,
             "overhead_ratio": app / direct if direct else None, "direct_s_per_step": statistics.median(direct_steps),

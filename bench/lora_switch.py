@@ -93,8 +93,9 @@ def run_ours(patcher: Any, loras: list[Any], paths: list[Path], checker: Checker
 
 def cold_ours(model: Any, index: Any, paths: list[Path], with_source: bool, device: torch.device) -> dict[str, float]:
     """Files read from disk by a fresh LoraCache, applied to the clean model by a fresh patcher."""
+    from studio.choices import LoraMode
     from studio.lora.cache import LoraCache
-    from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings
+    from studio.lora.patcher import LoraPatcher, PatcherSettings
     from studio.lora.reader import read_lora
 
     cache = LoraCache(1 << 40, lambda p: read_lora(p, index))
@@ -168,9 +169,10 @@ def run(config: Config) -> dict[str, Any]:
 def _run(config: Config) -> dict[str, Any]:
     from bench._kohya_files import LoraSpec, ensure_loras
     from bench._sdxl_random import build_sdxl, load_tiny
+    from studio.choices import LoraMode
     from studio.lora.cache import LoraCache
     from studio.lora.keymap import ModelIndex
-    from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings
+    from studio.lora.patcher import LoraPatcher, PatcherSettings
     from studio.lora.reader import read_lora
     from studio.paths import app_dirs
 

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from studio.choices import LoraMode
 from studio.errors import InputError, OutOfMemory, StudioError
-from studio.lora.base import COMPONENTS, LoraFile
-from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings, Stack
+from studio.lora.base import LoraFile
+from studio.lora.patcher import LoraPatcher, PatcherSettings, Stack
+from studio.phases import LORA_TARGETS
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -50,7 +52,7 @@ class BakeResult:
 
 
 def _components(pipe: StableDiffusionXLPipeline) -> dict[str, nn.Module]:
-    return {name: model for name in COMPONENTS if (model := getattr(pipe, name, None)) is not None}
+    return {part.value: model for part in LORA_TARGETS if (model := getattr(pipe, part, None)) is not None}
 
 
 def _check_target(out_dir: Path, single_file: Path | None) -> None:
@@ -80,6 +82,22 @@ def _check_pipeline(components: dict[str, nn.Module]) -> None:
 def _stack_record(stack: Sequence[tuple[LoraFile, float]]) -> list[dict[str, object]]:
     return [{"name": lora.name, "file": str(lora.path), "short_hash": lora.short_hash, "weight": float(w)}
             for lora, w in stack]
+
+
+def _user_umask() -> int:
+    """The process umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: Path) -> None:
+    """Give `path` (and, for a folder, all in it) the modes the user's umask asks for, as `mkdir` and
+    `open` would have: mkdtemp makes the folder 0700 and safetensors writes every weight file 0600,
+    but a baked model is meant to be shared and loaded like any other file of its owner."""
+    mask = _user_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -133,6 +151,9 @@ def bake(pipe: StableDiffusionXLPipeline, stack: Sequence[tuple[LoraFile, float]
             wrote_single = not inside
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a folder on every OS
+        _as_umask_allows(partial)
+        if single_file is not None:
+            _as_umask_allows(target)
         os.replace(partial, out_dir)
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)

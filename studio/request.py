@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict, dataclass, field
+import weakref
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from studio.errors import SettingsError
+from studio.samplers import check_sampler
 
-SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC")
 MAX_SEED = 2**32 - 1
+MAX_LORA_WEIGHT = 4.0
+# One size limit for the UI's sliders, its API and the CLI (A1111's too): SDXL was trained near one
+# megapixel, and a 2048 x 2048 decode already needs ~9 GB of working memory in fp16.
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
+
+# Requests that passed `validated()`. A request is frozen, so validity is a property of its
+# values; the set lets each check run once on the way from a button (or a jobs line) to the
+# pipeline, however many layers hand the request on.
+_CHECKED: weakref.WeakSet[GenerationRequest] = weakref.WeakSet()
+
+
+def size_message(name: str, value: object) -> str:
+    """The one message for a width or height out of bounds, wherever it was typed."""
+    return f"`{name}` must be a multiple of {SIDE_STEP} between {MIN_SIDE} and {MAX_SIDE}, got {value}"
+
+
+def check_lora_weight(name: str, weight: float) -> float:
+    if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+        raise SettingsError(f"LoRA `{name}` weight must be between -4 and 4, got {weight}")
+    return weight
 
 
 @dataclass(frozen=True)
@@ -25,7 +46,12 @@ class GenerationRequest:
     loras: tuple[tuple[str, float], ...] = field(default_factory=tuple)
 
     def validated(self) -> GenerationRequest:
-        """Raise SettingsError naming the field, the value received and what is allowed."""
+        """Raise SettingsError naming the field, the value received and what is allowed.
+
+        Checks once: a request that already passed (or an equal one) is returned as it is.
+        """
+        if _is_checked(self):
+            return self
         if not isinstance(self.prompt, str):
             raise SettingsError(f"`prompt` must be text, got {self.prompt!r}")
         if not -1 <= self.seed <= MAX_SEED:
@@ -36,20 +62,35 @@ class GenerationRequest:
             raise SettingsError(f"`cfg` must be between 0 and 30, got {self.cfg}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value != 0 and (not 64 <= value <= 4096 or value % 8):
-                raise SettingsError(f"`{name}` must be a multiple of 8 between 64 and 4096, got {value}")
-        if self.sampler not in SAMPLERS:
-            raise SettingsError(f"`sampler` must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+            if value != 0 and (not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_STEP):
+                raise SettingsError(size_message(name, value))
+        check_sampler(self.sampler)
         for name, weight in self.loras:
-            if not -4.0 <= weight <= 4.0:
-                raise SettingsError(f"LoRA `{name}` weight must be between -4 and 4, got {weight}")
+            check_lora_weight(name, weight)
+        _CHECKED.add(self)
         return self
 
     def with_seed(self) -> GenerationRequest:
         """The same request with a concrete seed (a random one when seed is -1)."""
         if self.seed >= 0:
             return self
-        return _replace(self, seed=secrets.randbelow(MAX_SEED + 1))
+        return self.reseeded(secrets.randbelow(MAX_SEED + 1))
+
+    def reseeded(self, seed: int) -> GenerationRequest:
+        """The same request with `seed` (checked alone when the rest already was)."""
+        if not 0 <= seed <= MAX_SEED:
+            raise SettingsError(f"`seed` must be between 0 and {MAX_SEED}, got {seed}")
+        return self._checked_copy(seed=seed)
+
+    def with_stack(self, prompt: str, loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
+        """The prompt without its `<lora:...>` tags and the resolved stack (its weights checked here)."""
+        for name, weight in loras:
+            check_lora_weight(name, weight)
+        return self._checked_copy(prompt=prompt, loras=loras)
+
+    def _checked_copy(self, **changes: Any) -> GenerationRequest:
+        copy = replace(self, **changes)
+        return _mark_checked(copy) if _is_checked(self) else copy.validated()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -76,6 +117,18 @@ class GenerationRequest:
         return cls(**values).validated()
 
 
+def _is_checked(request: GenerationRequest) -> bool:
+    try:
+        return request in _CHECKED
+    except TypeError:  # an unhashable value (a list for a prompt): not checked, and the check will say why
+        return False
+
+
+def _mark_checked(request: GenerationRequest) -> GenerationRequest:
+    _CHECKED.add(request)
+    return request
+
+
 def _number(key: str, value: Any, kind: type) -> int | float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise SettingsError(f"`{key}` must be a number, got {value!r}")
@@ -89,8 +142,3 @@ def _number(key: str, value: Any, kind: type) -> int | float:
         return int(number)
     return number
 
-
-def _replace(request: GenerationRequest, **changes: Any) -> GenerationRequest:
-    from dataclasses import replace
-
-    return replace(request, **changes)

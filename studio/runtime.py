@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from studio.errors import SettingsError
-from studio.settings import Device, Precision
+from studio.choices import Device, Precision
 
 _DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 

@@ -1,101 +1,40 @@
-"""The session controller: one warm SDXL pipeline, one generation at a time.
+"""The session: one warm SDXL pipeline, its settings, and one job at a time on it.
 
-Gradio's queue is not enough to serialise GPU work: a cancelled blocking handler
-keeps running and frees its queue slot (measured, research/gradio.md §1.4), so the
-pipeline is guarded by a real lock and stopped cooperatively from the step callback.
+The session owns lifetimes (the warm pipeline, the LoRA engine bound to it, the job slot)
+and the settings; one generation itself is `studio.generation`'s, one phase step is
+`WarmPipeline.phase`'s. Every public method may be called from any thread.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import deque
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import date
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
-from PIL import Image
 
-from studio import __version__
-from studio.errors import Cancelled, SettingsError
-from studio.lora.engine import COMPONENT_ATTRS, LoraEngine, patcher_settings
-from studio.lora.stack import StackItem, resolve_stack, search_dirs
-from studio.lora.sidecar import needs_sidecar
+from studio.errors import SettingsError
+from studio.generation import DecodeMemory, GenerationResult, Job, generate
+from studio.history import ReportHistory
+from studio.jobs import CancelToken, JobSlot, StepCallback, StepEvent
+from studio.lora.engine import LoraEngine, patcher_settings
+from studio.lora.stack import resolve_stack, search_dirs
 from studio.memory import release_freed_memory, rss_bytes
-from studio.models.budget import measure_budgets, oom_guard
-from studio.models.cache import ModelCache
-from studio.models.fp8 import enable_fp8_storage, fp8_supported
-from studio.models.memory_report import MemoryWatch
-from studio.models.placement import Placement, apply_memory_mode, must_run_lora_as_sidecar
-from studio.models.vae_decode import decode as vae_decode, plan_decode
-from studio.metadata import format_infotext, save_png
-from studio.models.architectures import SDXL_DEFAULT_SIZE, TINY_DEFAULT_SIZE
-from studio.models.hashing import model_sha256
-from studio.models.loader import ModelSource, load_pipeline, resolve_source
+from studio.models.architectures import SDXL_DEFAULT_SIZE
+from studio.models.budget import Budgets, measure_budgets, oom_guard
+from studio.models.loader import resolve_source
+from studio.outputs import next_output_path
 from studio.paths import AppDirs, app_dirs
-from studio.report import PhaseTimer, Report
+from studio.phases import Phase
+from studio.preview import cached_projection
+from studio.report import PhaseCallback, PhaseTimer
 from studio.request import GenerationRequest
 from studio.runtime import Runtime, resolve_runtime
-from studio.samplers import make_scheduler
 from studio.settings import SETTING_INFO, Applies, Settings
+from studio.warm_pipeline import LoadProgress, ModelInfo, WarmPipeline, load_warm_pipeline
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    step: int  # 1-based
-    total: int
-    seconds: float  # this step's wall time
-
-
-class CancelToken:
-    """Set from any thread; the job stops at its next step boundary."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-    def raise_if_cancelled(self) -> None:
-        if self._event.is_set():
-            raise Cancelled("stopped by the user")
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    source: ModelSource
-    sha256: str
-    load_seconds: float
-
-    @property
-    def short_hash(self) -> str:
-        return self.sha256[:10]
-
-    def to_dict(self) -> dict:
-        return {"name": self.source.name, "kind": self.source.kind.value, "location": self.source.location,
-                "hash": self.short_hash, "load_seconds": round(self.load_seconds, 4), "demo": self.source.is_demo}
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    paths: list[Path]
-    report: Report
-    infotext: str = ""
-    seeds: list[int] = field(default_factory=list)
-
-
-StepCallback = Callable[[StepEvent], None]
 
 
 class Session:
@@ -105,19 +44,14 @@ class Session:
         self.settings = settings or Settings()
         self.dirs = dirs or app_dirs()
         self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision)
-        self._lock = threading.Lock()  # held for the whole of a generation or a model switch
-        self._state_lock = threading.Lock()  # guards the counters below
-        self._waiting = 0
-        self._current: CancelToken | None = None
-        self._progress: tuple[int, int] | None = None  # (step, total) of the running job
-        self._pipe = None
-        self._cache: ModelCache | None = None
-        self._placement: Placement | None = None
-        self._load_notes: list[str] = []
-        self.model: ModelInfo | None = None
-        self.history: deque[Report] = deque(maxlen=200)  # this session's reports, oldest first
+        self._slot = JobSlot()
+        self._warm: WarmPipeline | None = None
+        # the last reports, oldest first; kept on disk, so the charts survive a restart
+        self.history = ReportHistory(self.dirs.data / "reports.jsonl")
         self.loras = LoraEngine(self.settings.lora_cache_mb,
                                 patcher_settings(self.settings.lora_mode, self.settings.unpatch_lora_by_vram_offload))
+
+    # ---- settings ------------------------------------------------------------------------
 
     def apply_settings(self, settings: Settings) -> dict[str, Applies]:
         """Take new settings; returns the changed fields and when each takes effect.
@@ -138,108 +72,114 @@ class Session:
             self.settings = live
             self.loras.configure(live.lora_cache_mb, lora_settings)
             return changed
-        with self._lock:
+        with self._slot.exclusive():
             self.settings = live
             self.loras.configure(live.lora_cache_mb, lora_settings)
             self.runtime = runtime
             self._unload_locked()  # reloaded by the next generation
         return changed
 
-    # ---- model ---------------------------------------------------------------------------
+    # ---- the warm pipeline ----------------------------------------------------------------
 
-    def load_model(self, spec: str | None = None) -> ModelInfo:
-        """Replace the warm pipeline (waits for a running generation to end)."""
+    @property
+    def model(self) -> ModelInfo | None:
+        warm = self._warm
+        return warm.info if warm is not None else None
+
+    @property
+    def warm(self) -> WarmPipeline | None:
+        """The loaded pipeline (None until the first generation or `load_model`); read it between jobs."""
+        return self._warm
+
+    @property
+    def outputs_root(self) -> Path:
+        """Where PNGs are saved: the outputs_dir setting, else the per-user data folder."""
+        outputs = self.settings.outputs_dir
+        return Path(outputs).expanduser() if outputs else self.dirs.default_outputs
+
+    @property
+    def native_size(self) -> int:
+        warm = self._warm
+        return warm.native_size if warm is not None else SDXL_DEFAULT_SIZE
+
+    def load_model(self, spec: str | None = None, vae: str | None = None,
+                   on_progress: LoadProgress | None = None) -> ModelInfo:
+        """Replace the warm pipeline (waits for a running generation to end).
+
+        `spec`/`vae` None: the settings' model and VAE; given, they become the running settings'
+        (the LoRA stack is the caller's, so it applies to the new model at the next generation).
+        `on_progress(stage, fraction)` hears the load's stages (warm_pipeline.LOAD_STAGES).
+        """
         source = resolve_source(spec if spec is not None else self.settings.model)
-        with self._lock:
-            return self._load_locked(source)
+        with self._slot.exclusive():
+            self._unload_locked()  # before loading the new one: peak RAM is one model
+            self._warm = self._load(source, self.settings.vae if vae is None else vae, on_progress)
+            changes = {k: v for k, v in (("model", spec), ("vae", vae)) if v is not None}
+            if changes:
+                self.settings = self.settings.replace(**changes)
+            return self._warm.info
 
-    def _load_locked(self, source: ModelSource) -> ModelInfo:
-        self._unload_locked()  # before loading the new one: peak RAM is one model
-        start = time.perf_counter()
-        pipe = load_pipeline(source, self.runtime.dtype, self.runtime.device)
-        sha = model_sha256(source.path, self.dirs.cache / "model-hashes.json") if source.kind.value != "hub" else ""
-        device, settings = self.runtime.device, self.settings
-        self._load_notes = []
-        fp8 = False
-        if settings.fp8_storage:
-            fp8, why = fp8_supported(device)
-            if fp8:
-                enable_fp8_storage(pipe.unet, self.runtime.dtype)  # before caching: the pristine copy is fp8 too
-            else:
-                self._load_notes.append(f"fp8 storage is off: {why}")
-        self._cache = ModelCache(device, ram_budget=self._budgets().ram or None,
-                                 vram_budget=self._budgets().vram or None)
-        self._placement = apply_memory_mode(pipe, settings.memory_mode, device, self._budgets(),
-                                            settings.stream_lookahead, cache=self._cache, key_prefix=f"{sha[:12]}:")
-        not_mergeable = "streamed" if self._placement.mode == "stream" else "stored in fp8" if fp8 else ""
-        self.loras.bind({attr: getattr(pipe, attr) for attr in COMPONENT_ATTRS},
-                        pristine_source=self._placement.pristine,
-                        sidecar_predicate=lambda m: needs_sidecar(m) or must_run_lora_as_sidecar(m),
-                        unet_must_not_merge=not_mergeable)
-        self._pipe = pipe
-        self._default_scheduler_config = dict(pipe.scheduler.config)
-        self.model = ModelInfo(source, sha, time.perf_counter() - start)
-        log.info("loaded %s (%s) in %.2fs on %s/%s, memory mode %s", source.name, source.kind.value,
-                 self.model.load_seconds, device, self.runtime.dtype_name, self._placement.mode)
-        return self.model
+    def _ensure_model(self) -> WarmPipeline:
+        if self._warm is None:
+            self._warm = self._load(resolve_source(self.settings.model), self.settings.vae, None)
+        return self._warm
 
-    def _budgets(self):
+    def _load(self, source, vae: str, on_progress: LoadProgress | None) -> WarmPipeline:
+        warm = load_warm_pipeline(source, self.runtime, self.settings, budgets=self._budgets, loras=self.loras,
+                                  hash_cache=self.dirs.cache / "model-hashes.json", vae=vae, on_progress=on_progress)
+        if self.settings.live_preview:
+            if on_progress is not None:
+                on_progress("preview", None)
+            self._fit_preview(warm)
+        return warm
+
+    def _fit_preview(self, warm: WarmPipeline) -> None:
+        """Fit the live preview's latent -> RGB map to this VAE (cached on disk by the weights' hash).
+
+        A fit that fails leaves the preview off with a note in every report; the model still works.
+        """
+        try:
+            self._fit_preview_locked(warm)
+        except (RuntimeError, ValueError, OSError) as err:
+            log.warning("live preview unavailable: %s", err)
+            warm.notes.append(f"live preview off: fitting it to the VAE failed ({err})")
+
+    def _fit_preview_locked(self, warm: WarmPipeline) -> None:
+        key = f"{warm.info.sha256}|{warm.info.vae}"
+        if warm.info.vae:
+            from studio.models.hashing import model_sha256
+
+            key = f"{warm.info.sha256}|{model_sha256(Path(warm.info.vae), self.dirs.cache / 'model-hashes.json')}"
+        with warm.phase(Phase.DECODE):
+            warm.preview = cached_projection(warm.pipe.vae, key, self.dirs.cache / "preview-fits.json")
+
+    def _budgets(self) -> Budgets:
         s = self.settings
-        held = self._cache.used(self.runtime.device) if self._cache is not None else 0
+        held = self._warm.cache.used(self.runtime.device) if self._warm is not None else 0
         return measure_budgets(self.runtime.device, ram_limit_mb=s.ram_limit_mb, vram_limit_mb=s.vram_limit_mb,
                                working_memory_mb=s.working_memory_mb, held_vram=held)
 
     def _unload_locked(self) -> None:
         """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache."""
+        warm, self._warm = self._warm, None
         try:
             self.loras.unbind()  # restores the weights and forgets parses bound to its layer names
         finally:
-            if self._placement is not None:
-                self._placement.close()
-            self._placement = None
-            self._cache = None
-            self._pipe = None
-            self.model = None
+            if warm is not None:
+                warm.close()
             release_freed_memory()
 
-    def _ensure_model(self) -> None:
-        if self._pipe is None:
-            self._load_locked(resolve_source(self.settings.model))
-
-    @property
-    def native_size(self) -> int:
-        if self.model is not None and self.model.source.is_demo:
-            return TINY_DEFAULT_SIZE
-        return SDXL_DEFAULT_SIZE
+    def close(self) -> None:
+        with self._slot.exclusive():
+            self._unload_locked()
 
     # ---- jobs ----------------------------------------------------------------------------
 
-    @contextmanager
-    def _job_slot(self, token: CancelToken) -> Iterator[None]:
-        """Wait for the pipeline (counted in `waiting`), then hold it for the whole job."""
-        with self._state_lock:
-            self._waiting += 1
-        acquired = False
-        try:
-            self._lock.acquire()
-            acquired = True
-        finally:
-            with self._state_lock:
-                self._waiting -= 1
-                if acquired:
-                    self._current = token
-        try:
-            yield
-        finally:
-            with self._state_lock:
-                self._current = None
-                self._progress = None
-            self._lock.release()
-
     def status(self) -> dict:
-        with self._state_lock:
-            status = {"busy": self._current is not None, "waiting": self._waiting, "progress": self._progress,
-                      "model": self.model.to_dict() if self.model else None, "rss": rss_bytes()}
+        slot = self._slot.status()
+        model = self.model
+        status = {"busy": slot.busy, "waiting": slot.waiting, "progress": slot.progress,
+                  "model": model.to_dict() if model else None, "rss": rss_bytes()}
         if self.runtime.device.type == "cuda":
             status["cuda_allocated"] = torch.cuda.memory_allocated(self.runtime.device)
             status["cuda_reserved"] = torch.cuda.memory_reserved(self.runtime.device)
@@ -247,118 +187,60 @@ class Session:
 
     def cancel_current(self) -> bool:
         """Stop the running job at its next step; returns whether one was running."""
-        with self._state_lock:
-            token = self._current
-        if token is None:
-            return False
-        token.cancel()
-        return True
+        return self._slot.cancel_current()
 
-    def generate(self, request: GenerationRequest, *, on_step: StepCallback | None = None,
-                 cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerationResult:
-        """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError."""
-        request, stack = self.resolve(request)
+    def prepare(self, request: GenerationRequest) -> Job:
+        """Move `<lora:...>` prompt tags into the stack, find every LoRA and validate: the one check.
+
+        Unknown LoRA names and impossible values fail here, before a model is loaded or a
+        weight touched; the CLI checks a whole jobs file this way first.
+        """
+        request = request.validated()  # returns at once when the caller (the UI's form) already checked it
+        prompt, stack = resolve_stack(request.prompt, request.loras, search_dirs(self.settings.lora_dirs))
+        return Job(request.with_stack(prompt, tuple((item.name, item.weight) for item in stack)), tuple(stack))
+
+    def generate(self, request: GenerationRequest | Job, *, on_step: StepCallback | None = None,
+                 on_phase: PhaseCallback | None = None, cancel: CancelToken | None = None,
+                 out_path: Path | None = None) -> GenerationResult:
+        """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError.
+
+        `on_phase(name)` hears each phase as it starts (the report's phase names: "model_load",
+        "lora_load", "lora_patch", "text_encode", "denoise", "vae_decode", "save", ...);
+        `on_step` each denoising step, with a preview picture every few steps when live_preview is on.
+        """
+        job = request if isinstance(request, Job) else self.prepare(request)
         token = cancel or CancelToken()
-        with self._job_slot(token):
+        with self._slot.job(token):
             token.raise_if_cancelled()  # stopped while waiting in line
             # Outside every phase and lock, so they unwind (weights back at rest) before it frees memory.
-            with oom_guard(self._cache, "the generation"):
-                return self._generate_locked(request, stack, on_step, token, out_path)
+            with oom_guard(self._warm.cache if self._warm else None, "the generation"):
+                result = self._generate_locked(job, on_step, on_phase, token, out_path)
+            self.history.append(result.report)
+        return result
 
-    def resolve(self, request: GenerationRequest) -> tuple[GenerationRequest, list[StackItem]]:
-        """Validate and move `<lora:...>` prompt tags into the stack; unknown LoRA names fail here."""
-        request = request.validated()
-        prompt, stack = resolve_stack(request.prompt, request.loras, search_dirs(self.settings.lora_dirs))
-        from dataclasses import replace
-
-        request = replace(request, prompt=prompt, loras=tuple((item.name, item.weight) for item in stack))
-        return request.validated(), stack
-
-    def _generate_locked(self, request: GenerationRequest, stack: list[StackItem], on_step: StepCallback | None,
+    def _generate_locked(self, job: Job, on_step: StepCallback | None, on_phase: PhaseCallback | None,
                          token: CancelToken, out_path: Path | None) -> GenerationResult:
-        timer = PhaseTimer()
-        started = time.perf_counter()
-        if self._pipe is None:
+        timer, started = PhaseTimer(on_phase), time.perf_counter()
+        if self._warm is None:
             with timer.phase("model_load"):
                 self._ensure_model()
-        pipe, device = self._pipe, self.runtime.device
-        assert self.model is not None
-        request = request.with_seed()
-        width = request.width or self.native_size
-        height = request.height or self.native_size
-        report = Report(request=request.to_dict() | {"width": width, "height": height}, model=self.model.to_dict(),
-                        device=str(device), dtype=self.runtime.dtype_name)
-        placement = self._placement
-        with MemoryWatch(placement) as watch, torch.inference_mode():
-            try:
-                with self.loras.pinned(stack, timer) as loras:
-                    report.lora = loras.report
-                    image = self._run(pipe, placement, loras, request, width, height, timer, report, on_step, token)
-                with timer.phase("save"):
-                    path = out_path or self._next_output_path(request.seed)
-                    hashes = {row["name"]: row["hash"] for row in report.lora["stack"]}
-                    infotext = format_infotext(request, width=width, height=height, model_name=self.model.source.name,
-                                               model_hash=self.model.short_hash, lora_hashes=hashes,
-                                               version=f"lora-studio {__version__}")
-                    save_png(image, Path(path), infotext)
-            except Cancelled:
-                report.status = "cancelled"
-                raise
-            finally:
-                timer.phases["total"] = time.perf_counter() - started  # includes a cold model load
-                report.phases = {k: round(v, 5) for k, v in timer.phases.items()}
-        report.memory = watch.report(lora_cache_bytes=self.loras.cache.bytes_used)
-        report.notes.extend(self._load_notes)
-        report.outputs = [str(path)]
-        self.history.append(report)
-        return GenerationResult(images=[image], paths=[Path(path)], report=report, infotext=infotext,
-                                seeds=[request.seed])
+        warm = self._warm
+        preview = self.settings.live_preview
+        if preview and warm.preview is None:  # switched on after the model loaded
+            with timer.phase("preview_fit"):
+                self._fit_preview(warm)
+        job = replace(job, request=job.request.with_seed())
+        path = Path(out_path) if out_path is not None else next_output_path(self.outputs_root, job.request.seed)
+        budgets = self._budgets() if self.runtime.device.type == "cuda" else None
+        memory = DecodeMemory(self.settings.working_memory_mb, budgets.working if budgets else 0)
 
-    def _run(self, pipe, placement: Placement, loras, request: GenerationRequest, width: int, height: int,
-             timer: PhaseTimer, report: Report, on_step: StepCallback | None, token: CancelToken) -> Image.Image:
-        """Encode, denoise, decode; each phase holds its components on the device and patches its LoRAs."""
-        device = self.runtime.device
-        guided = request.cfg > 1.0
-        with placement.phase("text_encode"):
-            loras.apply("text_encode")
-            with timer.phase("text_encode"):
-                embeds, neg_embeds, pooled, neg_pooled = pipe.encode_prompt(
-                    prompt=request.prompt, device=device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=guided, negative_prompt=request.negative or None)
-        token.raise_if_cancelled()
-        pipe.scheduler = make_scheduler(request.sampler, self._default_scheduler_config)
-        last = [time.perf_counter()]
-
-        def step_end(_pipe, index: int, _timestep, kwargs: dict) -> dict:
-            now = time.perf_counter()
-            report.step_seconds.append(round(now - last[0], 5))
-            last[0] = now
-            self._progress = (index + 1, request.steps)
+        def step(event: StepEvent) -> None:
+            self._slot.report_progress(event.step, event.total)
             if on_step is not None:
-                on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1]))
-            token.raise_if_cancelled()  # lands within one step of the click
-            return kwargs
+                on_step(event)
 
-        with placement.phase("denoise"):
-            loras.apply("denoise")
-            with timer.phase("denoise"):
-                last[0] = time.perf_counter()
-                latents = pipe(
-                    prompt_embeds=embeds, negative_prompt_embeds=neg_embeds, pooled_prompt_embeds=pooled,
-                    negative_pooled_prompt_embeds=neg_pooled, num_inference_steps=request.steps,
-                    guidance_scale=request.cfg, width=width, height=height,
-                    generator=torch.Generator("cpu").manual_seed(request.seed), output_type="latent",
-                    callback_on_step_end=step_end).images
-        token.raise_if_cancelled()
-        with plan_decode(self._cache, device, width, height, pipe.vae, self.settings.working_memory_mb,
-                         self._placement_budget_working()) as plan, placement.phase("decode"):
-            if plan is not None:
-                report.notes.append(f"VAE decode tiled ({plan}): the working memory did not fit")
-            with timer.phase("vae_decode"):
-                return decode_latents(pipe, latents, plan)
-
-    def _placement_budget_working(self) -> int:
-        return self._budgets().working if self.runtime.device.type == "cuda" else 0
+        return generate(warm, self.loras, job, path, timer=timer, started=started, token=token, on_step=step,
+                        decode_memory=memory, preview=preview)
 
     def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None):
         """Write the model with a LoRA stack merged in (diffusers folder, optionally one file too).
@@ -371,44 +253,10 @@ class Session:
         _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs))
         if not stack:
             raise SettingsError("bake needs at least one --lora NAME_OR_PATH:WEIGHT")
-        with self._lock:
-            self._ensure_model()
-            placement = self._placement
-            with self.loras.pinned(stack, PhaseTimer()) as applied, placement.phase("text_encode"), \
-                    placement.phase("denoise"), placement.phase("decode"), torch.inference_mode():
+        with self._slot.exclusive():
+            warm = self._ensure_model()
+            with self.loras.pinned(stack, PhaseTimer()) as applied, warm.phase(Phase.TEXT_ENCODE), \
+                    warm.phase(Phase.DENOISE), warm.phase(Phase.DECODE), torch.inference_mode():
                 self.loras.clear()
-                return bake(self._pipe, [(pin.lora, item.weight) for item, pin in applied.pinned], out_dir,
+                return bake(warm.pipe, [(pin.lora, item.weight) for item, pin in applied.pinned], out_dir,
                             single_file)
-
-    def _next_output_path(self, seed: int) -> Path:
-        root = Path(self.settings.outputs_dir).expanduser() if self.settings.outputs_dir else self.dirs.default_outputs
-        folder = root / date.today().isoformat()
-        folder.mkdir(parents=True, exist_ok=True)
-        numbers = [int(p.name[:5]) for p in folder.glob("*.png") if p.name[:5].isdigit()]
-        return folder / f"{max(numbers, default=0) + 1:05d}-{seed}.png"
-
-    def close(self) -> None:
-        with self._lock:
-            self._unload_locked()
-
-
-def decode_latents(pipe, latents: torch.Tensor, plan=None) -> Image.Image:
-    """VAE decode as the SDXL pipeline does it (fp16 VAEs with force_upcast run in fp32); tiled by `plan`."""
-    vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        latents = latents.to(vae.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std_t / vae.config.scaling_factor + mean_t
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae_decode(vae, latents, plan)
-    finally:
-        if upcast:
-            vae.to(torch.float16)
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]

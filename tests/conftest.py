@@ -10,8 +10,24 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
+from studio.choices import Precision  # noqa: E402
 from studio.paths import AppDirs  # noqa: E402
-from studio.settings import Precision, Settings  # noqa: E402
+from studio.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+
+    2 shared cores: OpenMP threads spinning against other processes made a 2 ms apply take
+    270 ms (measured), so the patcher tests run single-threaded.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

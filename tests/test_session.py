@@ -11,10 +11,12 @@ from PIL import Image
 
 from studio.errors import Cancelled
 from studio.memory import release_freed_memory, rss_bytes
-from studio.metadata import read_png_infotext
+from studio.infotext import read_png_infotext
 from studio.request import GenerationRequest
-from studio.session import CancelToken, Session
-from studio.settings import Precision, Settings
+from studio.jobs import CancelToken
+from studio.session import Session
+from studio.choices import Precision
+from studio.settings import Settings
 
 
 def _pixels(path) -> np.ndarray:
@@ -55,6 +57,7 @@ def test_random_seed_is_reported_and_outputs_are_numbered(tiny_session):
 
 @pytest.mark.parametrize("cancel_after", [1, 3])
 def test_cancel_lands_within_one_step(tiny_session, tmp_path, cancel_after):
+    before = tiny_session.generate(GenerationRequest(prompt="x", seed=1, steps=2), out_path=tmp_path / "before.png")
     token = CancelToken()
     seen: list[int] = []
 
@@ -72,6 +75,7 @@ def test_cancel_lands_within_one_step(tiny_session, tmp_path, cancel_after):
     # the session is usable right after, and gives the same image as before the cancel
     ok = tiny_session.generate(GenerationRequest(prompt="x", seed=1, steps=2), out_path=tmp_path / "after.png")
     assert ok.report.status == "ok"
+    assert (tmp_path / "after.png").read_bytes() == before.paths[0].read_bytes()
 
 
 def test_stop_button_path_cancels_the_running_job(tiny_session):
@@ -94,7 +98,7 @@ def test_stop_button_path_cancels_the_running_job(tiny_session):
 
 
 def test_one_generation_at_a_time_under_concurrent_callers(tiny_session, tmp_path):
-    unet = tiny_session._pipe.unet
+    unet = tiny_session.warm.pipe.unet
     active, peak, waiting_seen = [0], [0], []
     lock = threading.Lock()
 

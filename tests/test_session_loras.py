@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from PIL import Image
 
 from studio.errors import Cancelled, LoraError
-from studio.metadata import read_png_infotext
+from studio.infotext import read_png_infotext
 from studio.paths import DEMO_LORA_DIR
 from studio.request import GenerationRequest
-from studio.session import CancelToken
+from studio.jobs import CancelToken
 
 KOHYA, PEFT, LOCON = "demo-kohya-warm", "demo-peft-cool", "demo-locon-grain"
 
@@ -28,7 +28,7 @@ def _pixels(result) -> np.ndarray:
 
 
 def _weights(session) -> dict[str, torch.Tensor]:
-    pipe = session._pipe
+    pipe = session.warm.pipe
     return {f"{c}.{k}": v.detach().clone() for c in ("unet", "text_encoder", "text_encoder_2")
             for k, v in getattr(pipe, c).state_dict().items()}
 

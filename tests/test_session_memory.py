@@ -10,7 +10,8 @@ from PIL import Image
 from studio.errors import OutOfMemory
 from studio.request import GenerationRequest
 from studio.session import Session
-from studio.settings import Precision, Settings
+from studio.choices import Precision
+from studio.settings import Settings
 
 
 def _req(**kw) -> GenerationRequest:
@@ -27,7 +28,7 @@ def test_every_report_says_where_the_weights_are(tiny_session, tmp_path):
     assert any("no GPU" in note for note in memory["notes"])
     assert set(memory["components"]) == {"unet", "vae", "text_encoder", "text_encoder_2"}
     assert all(c["where"] == "cpu" and c["bytes"] > 0 for c in memory["components"].values())
-    unet_params = sum(p.numel() * p.element_size() for p in tiny_session._pipe.unet.parameters())
+    unet_params = sum(p.numel() * p.element_size() for p in tiny_session.warm.pipe.unet.parameters())
     assert memory["components"]["unet"]["bytes"] == unet_params
     assert memory["peak_rss"] >= memory["rss"] * 0.5 > 0 and memory["h2d_bytes"] == 0
     assert "lora_cache_bytes" in memory and "pinned_bytes" in memory
@@ -52,7 +53,7 @@ def test_fp8_storage_runs_loras_as_sidecars_and_halves_unet_bytes(session_dirs, 
 
 def test_an_out_of_memory_says_so_and_the_next_generation_works(tiny_session, tmp_path, monkeypatch):
     before = tiny_session.generate(_req(loras=(("demo-peft-cool", 0.8),)), out_path=tmp_path / "before.png")
-    unet = tiny_session._pipe.unet
+    unet = tiny_session.warm.pipe.unet
     calls = {"n": 0}
     real_forward = unet.forward
 

@@ -5,7 +5,8 @@ import logging
 import pytest
 
 from studio.errors import SettingsError
-from studio.settings import Device, LoraMode, Settings, load_settings, save_settings, to_dict
+from studio.choices import Device, LoraMode
+from studio.settings import Settings, load_settings, save_settings, to_dict
 
 
 def test_missing_file_gives_defaults(tmp_path):
@@ -79,7 +80,8 @@ def test_every_setting_says_when_it_applies():
 
 def test_session_applies_settings_and_flags_a_reload(session_dirs):
     from studio.session import Session
-    from studio.settings import Applies, Precision
+    from studio.choices import Precision
+    from studio.settings import Applies
 
     session = Session(Settings(device="cpu", precision=Precision.BF16), session_dirs)
     changed = session.apply_settings(session.settings.replace(default_steps=9, precision="fp32"))
@@ -96,14 +98,11 @@ def test_now_settings_apply_during_a_generation_and_restart_ones_wait(session_di
     from studio.session import Session
 
     session = Session(Settings(device="cpu", precision="bf16"), session_dirs)
-    session._lock.acquire()  # as if a generation were running
-    try:
+    with session._slot.exclusive():  # as if a generation were running
         done = threading.Event()
         worker = threading.Thread(target=lambda: (session.apply_settings(
             session.settings.replace(default_steps=7, outputs_dir="/elsewhere", port=9000)), done.set()))
         worker.start()
         assert done.wait(5), "a 'now' change waited for the running generation"
-    finally:
-        session._lock.release()
     assert session.settings.default_steps == 7
     assert session.settings.outputs_dir == "" and session.settings.port == 7860  # kept until restart

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from studio.session import CancelToken
+from studio.jobs import CancelToken
 
 MAX_TICKETS_PER_OWNER = 16  # a tab that reserved and never ran (closed, queue full) leaves a stale ticket
 

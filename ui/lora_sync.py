@@ -15,7 +15,7 @@ The rules, as pure functions:
 - prompt -> rows: a tag turns its row on with the tag's weight (a repeated name keeps its
   last weight, as the session does); an enabled row whose tag was deleted goes; disabled
   rows stay; unknown names become rows too (the panel shows them as missing).
-Tags are found by the engine's own parser (studio.metadata.split_lora_tags).
+Tags are found by the engine's own parser (studio.infotext.split_lora_tags).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from studio.metadata import split_lora_tags
+from studio.infotext import split_lora_tags
 
 Row = dict[str, Any]  # {"name": str, "weight": float, "enabled": bool}
 _CANDIDATE = re.compile(r"<lora:[^<>]*>")

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
 
 class LayerPatch(ABC):
     """One layer's change, as stored in a LoRA file."""

@@ -17,9 +17,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from studio.errors import LoraError
+from studio.handles import Pin
 from studio.lora.base import LoraFile
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,16 @@ class CacheKey:
 
 
 @dataclass
-class CacheStats:
+class LoraCacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
 
 
 @dataclass
-class _Entry:
+class CachedLora:
+    """One parsed file version in the cache, with its pin count."""
+
     key: CacheKey
     lora: LoraFile
     nbytes: int
@@ -62,45 +64,29 @@ def file_key(path: str | os.PathLike[str]) -> CacheKey:
     return CacheKey(str(resolved), st.st_size, st.st_mtime_ns)
 
 
-class LoraPin:
+class LoraPin(Pin):
     """A pin on one cached LoRA: holds it in RAM from creation until `release()`.
 
-    Use as a context manager (`with cache.pin(p) as pin: pin.lora`) or call `release()`
-    once; releasing twice is a bug and says so.
+    Use as a context manager (`with cache.pin(p) as pin: pin.lora`) or call `release()` once.
     """
 
-    def __init__(self, cache: LoraCache, entry: _Entry, hit: bool):
+    def __init__(self, cache: LoraCache, entry: CachedLora, hit: bool):
+        super().__init__(f"the LoRA pin on {entry.key.path!r}")
         self._cache = cache
         self._entry = entry
         self.hit = hit  # for the report: parsed earlier (True) or read now (False)
-        self._released = False
 
     @property
     def lora(self) -> LoraFile:
-        if self._released:
-            raise RuntimeError(f"LoRA pin on {self._entry.key.path!r} used after release()")
+        self._check_held()
         return self._entry.lora
 
     @property
     def key(self) -> CacheKey:
         return self._entry.key
 
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def release(self) -> None:
-        if self._released:
-            raise RuntimeError(f"LoRA pin on {self._entry.key.path!r} released twice")
-        self._released = True
-        self._cache._unpin(self._entry)
-
-    def __enter__(self) -> LoraPin:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.release()
+    def _on_release(self) -> None:
+        self._cache.release_pin(self._entry)
 
 
 class LoraCache:
@@ -111,9 +97,9 @@ class LoraCache:
             raise ValueError(f"`byte_budget` must be >= 0, got {byte_budget}")
         self.byte_budget = int(byte_budget)
         self._loader = loader
-        self._entries: OrderedDict[CacheKey, _Entry] = OrderedDict()  # oldest use first
+        self._entries: OrderedDict[CacheKey, CachedLora] = OrderedDict()  # oldest use first
         self._lock = threading.RLock()
-        self.stats = CacheStats()
+        self.stats = LoraCacheStats()
 
     # -- queries -------------------------------------------------------------------
     @property
@@ -160,12 +146,12 @@ class LoraCache:
             self._evict()
             return LoraPin(self, entry, hit)
 
-    def _load(self, path: Path, key: CacheKey) -> _Entry:
+    def _load(self, path: Path, key: CacheKey) -> CachedLora:
         # Loading under the lock: a second pin of the same file waits instead of parsing
         # it twice; LoRA loads are the only slow thing done here.
         lora = self._loader(path)
         after = file_key(path)
-        entry = _Entry(key, lora, lora.nbytes)
+        entry = CachedLora(key, lora, lora.nbytes)
         if after != key:
             # The file changed while it was read: use this parse for the pin that asked,
             # never serve it again (it may mix two versions).
@@ -180,7 +166,8 @@ class LoraCache:
         log.debug("LoRA cache miss: %s (%d bytes)", path, entry.nbytes)
         return entry
 
-    def _unpin(self, entry: _Entry) -> None:
+    def release_pin(self, entry: CachedLora) -> None:
+        """A LoraPin's release: one pin fewer on `entry` (dropped if stale, evictable if over budget)."""
         with self._lock:
             if entry.pins <= 0:
                 raise RuntimeError(f"LoRA cache pin count of {entry.key.path!r} would go negative")

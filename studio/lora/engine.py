@@ -1,11 +1,15 @@
-"""The LoRA side of a session: file cache, key index and patchers for the loaded pipeline.
+"""The LoRA side of a session: file cache, key index and one patcher per phase of the pipeline.
 
 One engine per session; `bind` is called for every (re)loaded pipeline. Parsed files are
 bound to module names of one architecture, so a rebind empties the cache.
 
-There is one patcher per memory phase (text encoders, UNet): each applies while its
-components are locked on the device, so in offload mode a LoRA is never merged into the
-pristine RAM copy a component rests on between phases.
+There is one patcher per phase that holds LoRA targets (text encoders, UNet): each applies
+while its components are placed on the device (`WarmPipeline.phase`), so in offload mode a
+LoRA is never merged into the pristine RAM copy a component rests on between phases.
+
+Merged or sidecar is decided per layer from one question, the placement's `merge_blocker`
+("why must this layer not be merged into?": streamed, stored in fp8): merged mode turns into
+auto for a phase where any layer is blocked, and the report says why.
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from studio.choices import LoraMode
 from studio.lora.base import LoraFile
 from studio.lora.cache import LoraCache, LoraPin
 from studio.lora.keymap import ModelIndex
-from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings, PatchStats, UnpatchPath
+from studio.lora.patcher import LoraPatcher, PatcherSettings, PatchStats, UnpatchPath
 from studio.lora.reader import read_lora
-from studio.lora.sidecar import needs_sidecar
+from studio.lora.sidecar import MergeBlocker, fp8_blocker
 from studio.lora.stack import StackItem
+from studio.phases import LORA_TARGETS, PHASE_COMPONENTS, Component, Phase
 from studio.report import PhaseTimer
 
 MB = 1024 * 1024
-COMPONENT_ATTRS = ("unet", "text_encoder", "text_encoder_2")
-PHASE_COMPONENTS = {"text_encode": ("text_encoder", "text_encoder_2"), "denoise": ("unet",)}
+_LABELS = {Component.UNET: "UNet", Component.TEXT_ENCODER: "text encoder 1", Component.TEXT_ENCODER_2: "text encoder 2"}
 
 
 def _stats_dict(stats: PatchStats) -> dict[str, Any]:
@@ -61,8 +66,8 @@ class AppliedStack:
     reload: PatchStats
     switch_seconds: float = 0.0
 
-    def apply(self, phase: str) -> None:
-        patcher = self.engine._patchers.get(phase)
+    def apply(self, phase: Phase) -> None:
+        patcher = self.engine.patcher(phase)
         if patcher is None:
             return
         stack = [(pin.lora, item.weight) for item, pin in self.pinned]
@@ -96,8 +101,8 @@ class LoraEngine:
         self.cache = LoraCache(cache_mb * MB, self._read)
         self.settings = settings
         self._index: ModelIndex | None = None
-        self._patchers: dict[str, LoraPatcher] = {}
-        self._unet_notes: list[str] = []
+        self._patchers: dict[Phase, LoraPatcher] = {}
+        self._blocked: dict[Phase, list[str]] = {}  # phase -> notes on layers that cannot be merged into
         # method -> seconds of the last stack change that took LoRA weights off (patch included)
         self.unpatch_costs: dict[str, float] = {}
 
@@ -108,23 +113,29 @@ class LoraEngine:
 
     def bind(self, components: Mapping[str, nn.Module], *,
              pristine_source: Callable[[str, str], torch.Tensor | None] | None = None,
-             sidecar_predicate: Callable[[nn.Module], bool] = needs_sidecar,
-             unet_must_not_merge: str = "") -> None:
+             merge_blocker: MergeBlocker = fp8_blocker) -> None:
         """Attach to a freshly loaded pipeline (its weights are pristine).
 
-        `unet_must_not_merge` (a reason, e.g. "streamed") turns merged mode into auto for the
-        UNet, so layers the memory engine streams or stores in fp8 get sidecars.
+        `merge_blocker(module)` says why a layer must not be merged into (None: it may be):
+        the memory engine's answer for streamed and fp8-stored layers.
         """
         self.unbind()
         self._index = ModelIndex.from_modules(components)
-        self._unet_notes = [unet_must_not_merge] if unet_must_not_merge else []
-        for phase, names in PHASE_COMPONENTS.items():
-            owned = {name: components[name] for name in names if name in components}
+        for phase, parts in PHASE_COMPONENTS.items():
+            owned = {part.value: components[part] for part in parts if part in LORA_TARGETS and part in components}
+            if not owned:
+                continue
+            self._blocked[phase] = [f"{_LABELS[Component(name)]} LoRAs run as sidecars where layers are {reason}"
+                                    for name, root in owned.items() for reason in _block_reasons(root, merge_blocker)]
             self._patchers[phase] = LoraPatcher(owned, self._settings_for(phase), pristine_source=pristine_source,
-                                                sidecar_predicate=sidecar_predicate, partial=True)
+                                                merge_blocker=merge_blocker, partial=True)
 
-    def _settings_for(self, phase: str) -> PatcherSettings:
-        if phase == "denoise" and self._unet_notes and self.settings.mode is LoraMode.MERGED:
+    def patcher(self, phase: Phase) -> LoraPatcher | None:
+        """The patcher of `phase`'s components (None: nothing a LoRA patches runs in it)."""
+        return self._patchers.get(phase)
+
+    def _settings_for(self, phase: Phase) -> PatcherSettings:
+        if self._blocked.get(phase) and self.settings.mode is LoraMode.MERGED:
             return replace(self.settings, mode=LoraMode.AUTO)
         return self.settings
 
@@ -135,6 +146,7 @@ class LoraEngine:
                 patcher.close()
         finally:
             self._patchers = {}
+            self._blocked = {}
             self._index = None
             self.cache.clear()
 
@@ -156,10 +168,11 @@ class LoraEngine:
 
         The weights stay patched after the block, so the same stack next time costs nothing.
         """
+        notes = [note for phase_notes in self._blocked.values() for note in phase_notes] \
+            if self.settings.mode is LoraMode.MERGED else []
         report: dict[str, Any] = {"mode": self.settings.mode.value,
                                   "unpatch_lora_by_vram_offload": self.settings.unpatch_lora_by_vram_offload,
-                                  "notes": [f"UNet LoRAs run as sidecars where layers are {n}" for n in
-                                            self._unet_notes if self.settings.mode is LoraMode.MERGED]}
+                                  "notes": notes}
         with ExitStack() as pins:
             with timer.phase("lora_load"):
                 pinned = [(item, pins.enter_context(self.cache.pin(item.path))) for item in items]
@@ -179,5 +192,11 @@ class LoraEngine:
                                    "budget_bytes": self.cache.byte_budget, **asdict(self.cache.stats)}
 
 
-def patcher_settings(mode: str, unpatch_by_offload: bool) -> PatcherSettings:
+def _block_reasons(root: nn.Module, merge_blocker: MergeBlocker) -> list[str]:
+    """Every reason `merge_blocker` gives for a layer under `root`, once each."""
+    reasons = {merge_blocker(module) for module in root.modules()}
+    return sorted(r for r in reasons if r)
+
+
+def patcher_settings(mode: LoraMode | str, unpatch_by_offload: bool) -> PatcherSettings:
     return PatcherSettings(mode=LoraMode(mode), unpatch_lora_by_vram_offload=unpatch_by_offload)

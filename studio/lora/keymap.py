@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from studio.lora.base import COMPONENTS
+from studio.phases import LORA_TARGETS
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _KEY_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("text_encoder.", ("text_encoder",)),
     ("model.diffusion_model.", ("unet",)),
     ("diffusion_model.", ("unet",)),
-    ("base_model.model.", COMPONENTS),  # raw peft save of one model
+    ("base_model.model.", LORA_TARGETS),  # raw peft save of one model
 )
 
 # ResnetBlock2D children, diffusers -> SGM (ldm/modules/diffusionmodules/openaimodel.py).
@@ -148,8 +148,9 @@ class ModelIndex:
         aliases: dict[str, dict[str, str]] = {}
         sgm_names: dict[str, str] = {}
         for component, root in components.items():
-            if component not in COMPONENTS:
-                raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+            if component not in LORA_TARGETS:
+                raise ValueError(f"unknown component {component!r}; expected one of "
+                                 f"{', '.join(c.value for c in LORA_TARGETS)}")
             classes = {name: type(mod).__name__ for name, mod in root.named_modules()}
             block_map = _unet_block_map(root) if component == "unet" else {}
             table: dict[str, str] = {}
@@ -188,7 +189,7 @@ class ModelIndex:
 
     def resolve(self, prefix: str) -> ModuleInfo | None:
         """The module a key prefix (key minus its `.lora_down.weight`-like suffix) addresses."""
-        candidates: tuple[str, ...] = COMPONENTS
+        candidates: tuple[str, ...] = LORA_TARGETS
         rest = prefix
         for head, comps in _KEY_PREFIXES:
             if prefix.startswith(head):

@@ -28,18 +28,20 @@ import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from types import TracebackType
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from studio.choices import LoraMode
+from studio.dtypes import FP8_DTYPES
 from studio.errors import LoraError, OutOfMemory
 from studio.lora.base import LoraFile
 from studio.lora.merge import check_finite, check_patch, merge_rows_cpu, merged_value
-from studio.lora.sidecar import (FP8_DTYPES, Entry, SidecarSet, check_sidecar_module, compute_dtype_for,
-                                 needs_sidecar)
+from studio.lora.sidecar import (Entry, MergeBlocker, SidecarSet, check_sidecar_module, compute_dtype_for,
+                                 fp8_blocker)
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,7 @@ SlotKey = tuple[str, str, str]  # (component, module path, "weight" | "bias")
 Signature = tuple[tuple[int, float], ...]
 
 
-class LoraMode(str, Enum):
-    MERGED = "merged"  # full inference speed; weights rewritten on a switch
-    SIDECAR = "sidecar"  # instant switch; LoRA computed in forward
-    AUTO = "auto"  # merged, except modules that must not be merged into (fp8, streamed)
-
-
-class UnpatchPath(str, Enum):
+class UnpatchPath(StrEnum):
     NONE = "none"  # nothing was taken off
     RESTORE = "restore_in_place"  # copy pristine RAM -> live tensor
     OFFLOAD = "drop_and_reload"  # drop the live tensor; reload pristine before the next forward
@@ -139,18 +135,19 @@ class LoraPatcher:
     `components` maps "unet"/"text_encoder"/"text_encoder_2" to modules. `pristine_source`
     (optional) returns the model cache's read-only RAM copy of a parameter ("mod.path.weight"),
     so RAM is not spent twice; without it each tensor is snapshotted on first touch.
+    `merge_blocker` says which layers auto mode must run as sidecars (default: fp8 weights).
     """
 
     def __init__(self, components: Mapping[str, nn.Module], settings: PatcherSettings = PatcherSettings(), *,
                  pristine_source: Callable[[str, str], torch.Tensor | None] | None = None,
-                 sidecar_predicate: Callable[[nn.Module], bool] = needs_sidecar, partial: bool = False):
+                 merge_blocker: MergeBlocker = fp8_blocker, partial: bool = False):
         self.components = dict(components)
         # partial: patches for other components belong to another patcher (one per memory phase,
         # so each applies while its component is locked on the device) and are skipped here.
         self._partial = partial
         self.settings = settings
         self._pristine_source = pristine_source
-        self._sidecar_predicate = sidecar_predicate
+        self._merge_blocker = merge_blocker
         self._slots: dict[SlotKey, _Slot] = {}
         self._sidecars = SidecarSet()
         self._modules: dict[tuple[str, str], nn.Module] = {}
@@ -275,7 +272,7 @@ class LoraPatcher:
             for patch in mine:
                 module = self._module(lora, patch.component, patch.module)
                 entry = (lora, w, patch)
-                if mode is LoraMode.SIDECAR or (mode is LoraMode.AUTO and self._sidecar_predicate(module)):
+                if mode is LoraMode.SIDECAR or (mode is LoraMode.AUTO and self._merge_blocker(module)):
                     check_sidecar_module(lora, patch.module, module)
                     sidecar.setdefault((patch.component, patch.module), []).append(entry)
                     continue

@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from studio.errors import LoraError
-from studio.lora import metadata as md
+from studio.file_formats import MAX_HEADER_BYTES, PICKLE_SUFFIXES, SAFETENSORS_DTYPE_BYTES
+from studio.lora import file_metadata as md
 from studio.lora.base import LoraFile
 from studio.lora.formats import guess_format, parse_tensors
 from studio.lora.formats.common import all_finite
@@ -28,10 +29,6 @@ from studio.lora.keymap import ModelIndex
 
 logger = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 @dataclass(frozen=True)
@@ -111,9 +108,9 @@ def _parse_header(path: Path, size: int) -> Header:
             dtype, shape, (start, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise ValueError(f"corrupt header entry for tensor {key}") from None
-        if dtype not in _DTYPE_BYTES or any(s < 0 for s in shape) or not 0 <= start <= end:
+        if dtype not in SAFETENSORS_DTYPE_BYTES or any(s < 0 for s in shape) or not 0 <= start <= end:
             raise ValueError(f"corrupt header entry for tensor {key} ({dtype}, {list(shape)})")
-        if end - start != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        if end - start != math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]:
             raise ValueError(f"corrupt header: tensor {key} {dtype}{list(shape)} does not fit its {end - start} bytes")
         if end > data_size:
             raise ValueError(f"truncated: tensor {key} needs bytes up to {end} of the data but the file "

@@ -19,34 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from studio.dtypes import FP8_DTYPES
 from studio.errors import LoraError
 from studio.lora.base import LayerPatch, LoraFile
 
 log = logging.getLogger(__name__)
 
-SIDECAR_ONLY_ATTR = "_studio_lora_sidecar_only"
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                   if hasattr(torch, n))
-
 Entry = tuple[LoraFile, float, LayerPatch]  # (file, user weight, this layer's patch)
 ModuleKey = tuple[str, str]  # (component, module path)
+# Why a LoRA must not be merged into a module's weight ("streamed", "stored in fp8"), or None.
+# The memory engine answers it for the whole pipeline (Placement.merge_blocker); in auto mode
+# the patcher runs a sidecar wherever it answers.
+MergeBlocker = Callable[[nn.Module], "str | None"]
 
 
-def mark_sidecar_only(module: nn.Module, reason: str = "streamed") -> None:
-    """Let the memory engine say a module's weight must not be merged into (fp8, streamed)."""
-    setattr(module, SIDECAR_ONLY_ATTR, reason)
-
-
-def unmark_sidecar_only(module: nn.Module) -> None:
-    if hasattr(module, SIDECAR_ONLY_ATTR):
-        delattr(module, SIDECAR_ONLY_ATTR)
-
-
-def needs_sidecar(module: nn.Module) -> bool:
-    """True when merging is wrong for this module: fp8 storage or marked by the memory engine."""
+def fp8_blocker(module: nn.Module) -> str | None:
+    """What a module's own weight forbids: a float8 weight cannot hold a merged LoRA."""
     weight = getattr(module, "weight", None)
-    return getattr(module, SIDECAR_ONLY_ATTR, None) is not None or (
-        isinstance(weight, torch.Tensor) and weight.dtype in FP8_DTYPES)
+    return "stored in fp8" if isinstance(weight, torch.Tensor) and weight.dtype in FP8_DTYPES else None
 
 
 def check_sidecar_module(lora: LoraFile, module_name: str, module: nn.Module) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from studio.errors import LoraError
-from studio.metadata import split_lora_tags
+from studio.infotext import split_lora_tags
 from studio.paths import DEMO_LORA_DIR
 
 

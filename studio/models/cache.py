@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from studio.errors import OutOfMemory
-from studio.models.cache_types import CacheRecord, CacheStats, PinHandle, Reservation, normalize_device
+from studio.handles import Pin
+from studio.models.cache_records import CacheRecord, ModelCacheStats, normalize_device
 from studio.models.slots import (HostArena, PristineCorrupted, Slot, check_rest, collect_slots,
                                  cuda_pinning_available, make_pristine)
 
@@ -39,7 +40,9 @@ MB = 1 << 20
 CPU = torch.device("cpu")
 
 
-class _Entry:
+class CachedModule:
+    """One module in the cache: its slots, the pristine arena, where the live copy is, the counts."""
+
     def __init__(self, key: str, module: nn.Module, slots: list[Slot], arena: HostArena) -> None:
         self.key, self.module, self.slots, self.arena = key, module, slots, arena
         self.nbytes = sum(s.nbytes for s in slots)
@@ -55,6 +58,48 @@ class _Entry:
         self.device = None
 
 
+class PinHandle(Pin):
+    """Holds an entry in RAM from creation until `release()` (or the end of a `with` block)."""
+
+    def __init__(self, cache: ModelCache, entry: CachedModule) -> None:
+        super().__init__(f"the pin on {entry.key!r}")
+        self._cache, self._entry = cache, entry
+
+    @property
+    def key(self) -> str:
+        return self._entry.key
+
+    @property
+    def module(self) -> nn.Module:
+        return self.entry().module
+
+    def entry(self) -> CachedModule:
+        self._check_held()
+        return self._entry
+
+    def _on_release(self) -> None:
+        self._cache.release_pin(self._entry)
+
+
+class Reservation:
+    """Device memory held outside any entry (stream buffers, VAE working memory); counted in budgets.
+
+    Releasing is idempotent: a reservation ends once, however many `finally` blocks release it.
+    """
+
+    def __init__(self, cache: ModelCache, device: torch.device, nbytes: int, tag: str) -> None:
+        self._cache, self.device, self.nbytes, self.tag, self.active = cache, device, nbytes, tag, True
+
+    def release(self) -> None:
+        self._cache.release_reservation(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class ModelCache:
     """Entries by key; budgets in bytes (None: unlimited). Thread-safe."""
 
@@ -65,8 +110,8 @@ class ModelCache:
         self.pin_memory = (self.device.type == "cuda" and cuda_pinning_available()) if pin_memory is None \
             else pin_memory
         self.keep_resident = keep_resident  # unlocked device copies stay while the budget allows
-        self.stats = CacheStats()
-        self._entries: dict[str, _Entry] = {}
+        self.stats = ModelCacheStats()
+        self._entries: dict[str, CachedModule] = {}
         self._reservations: list[Reservation] = []
         self._mutex = threading.RLock()
         self._clock = itertools.count(1)
@@ -112,7 +157,7 @@ class ModelCache:
             keep_live = current is not None and current == self.device
             weights = sum(s.nbytes for s in slots)
             self._make_room(CPU, weights * (2 if keep_live and current.type == "cpu" else 1), keep=None)
-            entry = _Entry(key, module, slots, make_pristine(slots, self.pin_memory))
+            entry = CachedModule(key, module, slots, make_pristine(slots, self.pin_memory))
             if keep_live and (current.type == "cpu" or self._fits(current, weights)):
                 entry.device = current  # the module's own tensors become its live copy
             else:
@@ -122,12 +167,13 @@ class ModelCache:
                      ", pinned" if entry.arena.pinned else "", entry.device or "pristine")
             return self._pin(entry)
 
-    def _pin(self, entry: _Entry) -> PinHandle:
+    def _pin(self, entry: CachedModule) -> PinHandle:
         entry.pins += 1
         entry.last_use = next(self._clock)
         return PinHandle(self, entry)
 
-    def _unpin(self, entry: _Entry) -> None:
+    def release_pin(self, entry: CachedModule) -> None:
+        """A PinHandle's release: one pin fewer; an unpinned entry may be evicted to fit the RAM budget."""
         with self._mutex:
             entry.pins -= 1
             if self.ram_budget is not None:
@@ -164,7 +210,7 @@ class ModelCache:
                     else:
                         self._make_room(device, 0, keep=None, strict=False)
 
-    def _load(self, entry: _Entry, device: torch.device) -> None:
+    def _load(self, entry: CachedModule, device: torch.device) -> None:
         """Copy pristine onto `device`; all-or-nothing (slots are pointed only once every copy exists)."""
         check_rest(entry.slots, entry.key)
         copies = []
@@ -186,7 +232,7 @@ class ModelCache:
         # compute queued after it on the same stream is ordered after it.
         return torch.empty(src.shape, dtype=src.dtype, device=device).copy_(src, non_blocking=pinned)
 
-    def _offload(self, entry: _Entry) -> None:
+    def _offload(self, entry: CachedModule) -> None:
         if entry.device is not None:
             entry.rest()
             self.stats.offloads += 1
@@ -230,6 +276,12 @@ class ModelCache:
             self._reservations.append(reservation)
             return reservation
 
+    def release_reservation(self, reservation: Reservation) -> None:
+        with self._mutex:
+            if reservation.active:
+                reservation.active = False
+                self._reservations.remove(reservation)
+
     def _budget(self, device: torch.device) -> int | None:
         return self.ram_budget if device.type == "cpu" else self.vram_budget
 
@@ -237,7 +289,7 @@ class ModelCache:
         budget = self._budget(device)
         return budget is None or self.used(device) + need <= budget
 
-    def _make_room(self, device: torch.device, need: int, keep: _Entry | None, strict: bool = True) -> None:
+    def _make_room(self, device: torch.device, need: int, keep: CachedModule | None, strict: bool = True) -> None:
         """Offload unlocked copies on `device` (and, for RAM, evict unpinned entries), oldest use first."""
         budget = self._budget(device)
         if budget is None or self.used(device) + need <= budget:
@@ -257,7 +309,7 @@ class ModelCache:
                               f"hold {need / MB:.0f} MB more: {self.used(device) / MB:.0f} MB is locked or pinned; "
                               "raise the limit in the preferences or choose a lower memory mode")
 
-    def _evict(self, entry: _Entry) -> None:
+    def _evict(self, entry: CachedModule) -> None:
         """Remove an unpinned entry: its module is left on the meta device (reload it to use it)."""
         for slot in entry.slots:
             slot.to_meta()
@@ -328,10 +380,10 @@ class ModelCache:
         return problems
 
 
-def _record(entry: _Entry) -> CacheRecord:
+def _record(entry: CachedModule) -> CacheRecord:
     return CacheRecord(entry.key, entry.nbytes, None if entry.device is None else str(entry.device), entry.locks,
                        entry.pins, entry.streamed, entry.arena.pinned)
 
 
-__all__ = ["CacheRecord", "CacheStats", "ModelCache", "PinHandle", "PristineCorrupted", "Reservation",
-           "normalize_device"]
+__all__ = ["CacheRecord", "CachedModule", "ModelCache", "ModelCacheStats", "PinHandle", "PristineCorrupted",
+           "Reservation", "normalize_device"]

@@ -21,10 +21,10 @@ import logging
 import torch
 from torch import nn
 
+from studio.dtypes import FP8_DTYPES
+
 log = logging.getLogger(__name__)
 STORAGE_DTYPE = torch.float8_e4m3fn
-FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                   if hasattr(torch, n))
 _HOOK = "layerwise_casting"  # diffusers' hook name (hooks/layerwise_casting.py)
 
 

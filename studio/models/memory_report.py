@@ -12,6 +12,7 @@ from types import TracebackType
 
 import torch
 
+from studio.choices import MemoryMode
 from studio.memory import PeakRss, rss_bytes
 from studio.models.placement import Placement
 
@@ -26,8 +27,8 @@ def memory_report(placement: Placement, *, lora_cache_bytes: int = 0, h2d_bytes:
     cache = placement.cache
     components = {name: c.to_dict() for name, c in placement.components().items()}
     out: dict = {
-        "mode": placement.mode,
-        "mode_requested": placement.requested,
+        "mode": str(placement.mode),
+        "mode_requested": placement.requested.value,
         "device": str(placement.device),
         "notes": list(placement.notes),
         "components": components,
@@ -45,12 +46,12 @@ def memory_report(placement: Placement, *, lora_cache_bytes: int = 0, h2d_bytes:
         out.update(cuda_peaks)
     if placement.streamer is not None:
         stats = placement.streamer.stats
-        out["stream"] = {"impl": placement.stream_impl, "lookahead": placement.streamer.lookahead,
+        out["stream"] = {"impl": placement.stream_impl.value, "lookahead": placement.streamer.lookahead,
                          "units": len(placement.streamer.units), "reserved_bytes": placement.streamer.reserved_bytes,
                          "max_in_flight": stats.max_in_flight, "resyncs": stats.resyncs,
                          "copied_bytes": stats.copied_bytes}
-    elif placement.mode == "stream":
-        out["stream"] = {"impl": placement.stream_impl, "lookahead": 1}
+    elif placement.mode == MemoryMode.STREAM:
+        out["stream"] = {"impl": placement.stream_impl.value, "lookahead": 1}
     return out
 
 

@@ -1,17 +1,17 @@
 """Memory modes on a loaded SDXL pipeline: where each component's weights live, per phase.
 
-    placement = apply_memory_mode(pipe, "auto", device, budgets, lookahead=2, cache=cache)
-    with placement.phase("text_encode"): ...     # TE1+TE2 on the device
-    with placement.phase("denoise"): ...         # UNet on the device, or streamed
-    with placement.phase("decode"): ...          # VAE on the device
-    placement = placement.switch("stream", budgets, 4)   # no reload: pristine copies are reused
+    placement = apply_memory_mode(pipe, MemoryMode.AUTO, device, budgets, lookahead=2, cache=cache)
+    with placement.phase(Phase.TEXT_ENCODE): ...    # TE1+TE2 on the device
+    with placement.phase(Phase.DENOISE): ...        # UNet on the device, or streamed
+    with placement.phase(Phase.DECODE): ...         # VAE on the device
+    placement = placement.switch(MemoryMode.STREAM, budgets, 4)   # no reload: pristine copies are reused
 
 - full: every component locked on the device for the placement's lifetime.
 - offload: each phase locks what it needs through the model cache; unlocked copies stay on
   the device while the VRAM budget allows and are dropped least-recently-used after.
 - stream: the UNet streams unit by unit from pinned RAM (studio.models.stream, our bounded
-  N-lookahead ring), or through diffusers' group offloading (`stream_impl="diffusers_leaf"` or
-  `"diffusers_block"`, lookahead 1 with a host sync per group) so the benchmark can compare;
+  N-lookahead ring), or through diffusers' group offloading (`StreamImpl.DIFFUSERS_LEAF` or
+  `DIFFUSERS_BLOCK`, lookahead 1 with a host sync per group) so the benchmark can compare;
   the other components behave as in offload.
 - auto: full if everything fits the VRAM budget, else offload if the largest phase fits, else stream.
 Without a GPU every mode degrades to "everything on the CPU" (mode "cpu", with a note), unless
@@ -19,7 +19,8 @@ Without a GPU every mode degrades to "everything on the CPU" (mode "cpu", with a
 
 Weights may only be written (LoRA patches) inside the phase that holds their component: outside
 it they may point at the pristine copy. Streamed and fp8 layers take LoRAs as sidecars only
-(`must_run_lora_as_sidecar`); a merge into a streamed layer is caught as PristineCorrupted.
+(`Placement.merge_blocker` says which and why); a merge into a streamed layer is caught as
+PristineCorrupted.
 """
 
 from __future__ import annotations
@@ -31,17 +32,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from studio.choices import MemoryMode, StreamImpl, allowed
 from studio.models.budget import Budgets
 from studio.models.cache import ModelCache, PinHandle, PristineCorrupted, normalize_device
 from studio.models.fp8 import is_fp8_stored
-from studio.models.stream import LayerStreamer, is_streamed
+from studio.models.stream import STREAMED_ATTR, LayerStreamer, is_streamed
+from studio.phases import PHASE_COMPONENTS, Component, Phase
 
 log = logging.getLogger(__name__)
 MB = 1 << 20
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
-PHASES = {"text_encode": ("text_encoder", "text_encoder_2"), "denoise": ("unet",), "decode": ("vae",)}
-MODES = ("auto", "full", "offload", "stream")
-STREAM_IMPLS = ("ring", "diffusers_leaf", "diffusers_block")
+CPU_ONLY = "cpu"  # the mode that runs without a GPU, whatever was asked
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ class Placement:
     pipe: object
     cache: ModelCache
     device: torch.device
-    requested: str
-    mode: str  # what runs: "full", "offload", "stream" or "cpu"
+    requested: MemoryMode
+    mode: str  # what runs: a MemoryMode other than auto, or CPU_ONLY
     lookahead: int
-    stream_impl: str
+    stream_impl: StreamImpl
     handles: dict[str, PinHandle]
     notes: list[str] = field(default_factory=list)
     streamer: LayerStreamer | None = None
@@ -74,18 +74,20 @@ class Placement:
     _closed: bool = False
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """The components of phase `name` on the device for the block (no-op where already there)."""
+    def phase(self, phase: Phase | str) -> Iterator[None]:
+        """The components of `phase` on the device for the block (no-op where already there)."""
         if self._closed:
             raise RuntimeError("this Placement was closed; use the one switch() returned")
-        if name not in PHASES:
-            raise ValueError(f"unknown phase {name!r}; expected one of {sorted(PHASES)}")
+        try:
+            phase = Phase(phase)
+        except ValueError:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {allowed(Phase)}") from None
         with ExitStack() as stack:
-            if self.mode in ("offload", "stream"):
-                for component in PHASES[name]:
-                    if component in self.handles and not (self.mode == "stream" and component == "unet"):
+            if self.mode in (MemoryMode.OFFLOAD, MemoryMode.STREAM):
+                for component in PHASE_COMPONENTS[phase]:
+                    if component in self.handles and not (self.mode == MemoryMode.STREAM and component is Component.UNET):
                         stack.enter_context(self.cache.lock(self.handles[component], self.device))
-            if self.streamer is not None and name == "denoise":
+            if self.streamer is not None and phase is Phase.DENOISE:
                 self.streamer.verify_rest()
                 stack.callback(self.streamer.idle)  # in-flight buffers go back, also after an error
             yield
@@ -95,15 +97,26 @@ class Placement:
         for name, handle in self.handles.items():
             record = self.cache.lookup(handle.key)
             on_device = record is not None and record.device is not None and record.device != "cpu"
-            if name == "unet" and self.mode == "stream":
+            if name is Component.UNET and self.mode == MemoryMode.STREAM:
                 where = "streamed"
                 device_bytes = self.streamer.resident_bytes if self.streamer and self.device.type == "cuda" else 0
             else:
                 where = "gpu" if on_device else "cpu"
                 device_bytes = record.nbytes if on_device else 0
-            on_demand = self.mode in ("offload", "stream") and where != "streamed"
+            on_demand = self.mode in (MemoryMode.OFFLOAD, MemoryMode.STREAM) and where != "streamed"
             out[name] = ComponentPlacement(where, record.nbytes if record else 0, device_bytes, on_demand)
         return out
+
+    @staticmethod
+    def merge_blocker(module: torch.nn.Module) -> str | None:
+        """Why a LoRA must not be merged into `module` (None: it may be), for the LoRA engine: streamed
+        layers (their live weight is the pinned pristine copy between forwards) and fp8-stored layers
+        (merging loses ~85% of the delta) take LoRAs as sidecars."""
+        if is_streamed(module):
+            return "streamed"
+        if is_fp8_stored(module):
+            return "stored in fp8"
+        return None
 
     def pristine(self, component: str, name: str) -> torch.Tensor | None:
         """The cache's read-only pristine copy of `component`'s tensor `name`: the LoRA patcher's
@@ -118,10 +131,10 @@ class Placement:
         return self.cache.stats.h2d_bytes + streamed
 
     def to_dict(self) -> dict:
-        data = {"mode_requested": self.requested, "mode": self.mode, "device": str(self.device),
+        data = {"mode_requested": self.requested.value, "mode": self.mode, "device": str(self.device),
                 "notes": list(self.notes), "components": {k: v.to_dict() for k, v in self.components().items()}}
-        if self.mode == "stream":
-            data["stream"] = {"impl": self.stream_impl, "lookahead": self.lookahead}
+        if self.mode == MemoryMode.STREAM:
+            data["stream"] = {"impl": self.stream_impl.value, "lookahead": self.lookahead}
             if self.streamer is not None:
                 s = self.streamer
                 data["stream"].update(units=len(s.units), largest_unit=max((u.nbytes for u in s.units), default=0),
@@ -144,7 +157,7 @@ class Placement:
                         log.exception("could not offload %s", handle.key)
                 handle.release()
 
-    def switch(self, mode: str, budgets: Budgets, lookahead: int | None = None, **kwargs) -> Placement:
+    def switch(self, mode: MemoryMode | str, budgets: Budgets, lookahead: int | None = None, **kwargs) -> Placement:
         """Close this placement and apply `mode` to the same pipeline and cache (no reload)."""
         kwargs.setdefault("keys", {name: handle.key for name, handle in self.handles.items()})
         self.close()
@@ -153,40 +166,38 @@ class Placement:
                                  stream_impl=kwargs.pop("stream_impl", self.stream_impl), **kwargs)
 
 
-def must_run_lora_as_sidecar(module: torch.nn.Module) -> bool:
-    """True where the memory engine forbids merging a LoRA: streamed layers (their live weight is
-    the pinned pristine copy between forwards) and fp8-stored layers (merging loses ~85% of the delta)."""
-    return is_streamed(module) or is_fp8_stored(module)
+def pipeline_components(pipe) -> dict[Component, torch.nn.Module]:
+    return {part: getattr(pipe, part) for part in Component if isinstance(getattr(pipe, part, None), torch.nn.Module)}
 
 
-def pipeline_components(pipe) -> dict[str, torch.nn.Module]:
-    return {name: getattr(pipe, name) for name in COMPONENTS if isinstance(getattr(pipe, name, None), torch.nn.Module)}
-
-
-def choose_mode(sizes: dict[str, int], budgets: Budgets) -> tuple[str, str]:
+def choose_mode(sizes: dict[str, int], budgets: Budgets) -> tuple[MemoryMode, str]:
     """auto: (mode, why) from the component sizes and the VRAM budget (working reserve already off)."""
     total, vram = sum(sizes.values()), budgets.vram
-    phase_max = max(sum(sizes.get(c, 0) for c in comps) for comps in PHASES.values())
+    phase_max = max(sum(sizes.get(c, 0) for c in comps) for comps in PHASE_COMPONENTS.values())
     if total <= vram:
-        return "full", f"all weights ({total / MB:.0f} MB) fit the {vram / MB:.0f} MB VRAM budget"
+        return MemoryMode.FULL, f"all weights ({total / MB:.0f} MB) fit the {vram / MB:.0f} MB VRAM budget"
     if phase_max <= vram:
-        return "offload", f"the largest phase ({phase_max / MB:.0f} MB) fits the {vram / MB:.0f} MB VRAM budget"
-    return "stream", f"the UNet ({sizes.get('unet', 0) / MB:.0f} MB) does not fit the {vram / MB:.0f} MB VRAM budget"
+        return MemoryMode.OFFLOAD, f"the largest phase ({phase_max / MB:.0f} MB) fits the {vram / MB:.0f} MB VRAM budget"
+    return MemoryMode.STREAM, f"the UNet ({sizes.get('unet', 0) / MB:.0f} MB) does not fit the {vram / MB:.0f} MB VRAM budget"
 
 
-def apply_memory_mode(pipe, mode: str, device: torch.device | str, budgets: Budgets, lookahead: int = 2, *,
-                      cache: ModelCache | None = None, stream_impl: str = "ring", emulate_on_cpu: bool = False,
+def apply_memory_mode(pipe, mode: MemoryMode | str, device: torch.device | str, budgets: Budgets, lookahead: int = 2,
+                      *, cache: ModelCache | None = None, stream_impl: StreamImpl | str = StreamImpl.RING,
+                      emulate_on_cpu: bool = False,
                       key_prefix: str = "", keys: dict[str, str] | None = None, max_unit_bytes: int = 64 << 20,
                       min_unit_bytes: int = 1 << 20, stream_backend=None) -> Placement:
     """Place `pipe`'s components for `mode`; returns the Placement that says where they are.
 
     Components are cached under `key_prefix + name` (or `keys[name]`), admitted on first use.
     """
-    mode = str(getattr(mode, "value", mode))
-    if mode not in MODES:
-        raise ValueError(f"`memory_mode` must be one of {', '.join(MODES)}, got {mode!r}")
-    if stream_impl not in STREAM_IMPLS:
-        raise ValueError(f"`stream_impl` must be one of {', '.join(STREAM_IMPLS)}, got {stream_impl!r}")
+    try:
+        mode = MemoryMode(mode)
+    except ValueError:
+        raise ValueError(f"`memory_mode` must be one of {allowed(MemoryMode)}, got {mode!r}") from None
+    try:
+        stream_impl = StreamImpl(stream_impl)
+    except ValueError:
+        raise ValueError(f"`stream_impl` must be one of {allowed(StreamImpl)}, got {stream_impl!r}") from None
     device = normalize_device(device)
     if cache is None:
         cache = ModelCache(device, ram_budget=budgets.ram or None, vram_budget=budgets.vram or None)
@@ -204,12 +215,12 @@ def apply_memory_mode(pipe, mode: str, device: torch.device | str, budgets: Budg
         raise
     sizes = {name: cache.lookup(h.key).nbytes for name, h in handles.items()}
     notes: list[str] = []
-    used = mode
+    used = mode.value
     if device.type == "cpu" and not emulate_on_cpu:
-        used = "cpu"
+        used = CPU_ONLY
         notes.append(f"no GPU: {mode} mode has nothing to offload to; every component runs on the CPU")
-    elif mode == "auto":
-        used, why = choose_mode(sizes, budgets) if device.type == "cuda" else ("full", "emulated on the CPU")
+    elif mode is MemoryMode.AUTO:
+        used, why = choose_mode(sizes, budgets) if device.type == "cuda" else (MemoryMode.FULL, "emulated on the CPU")
         notes.append(f"auto chose {used}: {why}")
     placement = Placement(pipe, cache, device, mode, used, lookahead, stream_impl, handles, notes)
     try:
@@ -222,18 +233,18 @@ def apply_memory_mode(pipe, mode: str, device: torch.device | str, budgets: Budg
 
 
 def _arrange(p: Placement, budgets: Budgets, max_unit: int, min_unit: int, backend) -> None:
-    if p.mode in ("full", "cpu"):
+    if p.mode in (MemoryMode.FULL, CPU_ONLY):
         for handle in p.handles.values():
             p._stack.enter_context(p.cache.lock(handle, p.device))
         return
-    if p.mode == "offload" or "unet" not in p.handles:
+    if p.mode == MemoryMode.OFFLOAD or Component.UNET not in p.handles:
         return
-    unet = p.handles["unet"].module
-    slots = p._stack.enter_context(p.cache.streamed(p.handles["unet"]))
-    if p.stream_impl != "ring":
+    unet = p.handles[Component.UNET].module
+    slots = p._stack.enter_context(p.cache.streamed(p.handles[Component.UNET]))
+    if p.stream_impl is not StreamImpl.RING:
         if p.device.type != "cuda":
-            p.notes.append(f"{p.stream_impl} needs CUDA streams; the ring streamer runs instead")
-            p.stream_impl = "ring"
+            p.notes.append(f"{p.stream_impl.value} needs CUDA streams; the ring streamer runs instead")
+            p.stream_impl = StreamImpl.RING
         else:
             _diffusers_group_offload(p, unet)
             return
@@ -251,15 +262,21 @@ def _diffusers_group_offload(p: Placement, unet: torch.nn.Module) -> None:
     `pin_memory()` returns the same tensors and RAM is not doubled; H2D bytes are not counted."""
     from diffusers.hooks import HookRegistry, apply_group_offloading
 
-    kind = "leaf_level" if p.stream_impl == "diffusers_leaf" else "block_level"
+    kind = "leaf_level" if p.stream_impl is StreamImpl.DIFFUSERS_LEAF else "block_level"
     apply_group_offloading(unet, onload_device=p.device, offload_device=torch.device("cpu"), offload_type=kind,
                            num_blocks_per_group=1 if kind == "block_level" else None, non_blocking=True,
                            use_stream=True, record_stream=True)
+
+    for sub in unet.modules():
+        setattr(sub, STREAMED_ATTR, True)  # its weights move with each group: merge_blocker says "streamed"
 
     def remove() -> None:
         registry = HookRegistry.check_if_exists_or_initialize(unet)
         for hook in ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading"):
             registry.remove_hook(hook, recurse=True)
+        for sub in unet.modules():
+            if hasattr(sub, STREAMED_ATTR):
+                delattr(sub, STREAMED_ATTR)
 
     p._stack.callback(remove)
     p.notes.append(f"UNet streamed by diffusers group offloading ({kind}, use_stream=True); its host-to-device "
@@ -267,4 +284,4 @@ def _diffusers_group_offload(p: Placement, unet: torch.nn.Module) -> None:
 
 
 __all__ = ["ComponentPlacement", "Placement", "PristineCorrupted", "apply_memory_mode", "choose_mode",
-           "must_run_lora_as_sidecar", "pipeline_components"]
+           "pipeline_components"]

@@ -24,20 +24,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from studio.errors import ModelLoadError, OutOfMemory
+from studio.file_formats import MAX_HEADER_BYTES, PICKLE_SUFFIXES, SAFETENSORS_DTYPE_BYTES
 from studio.models import sgm_keys
 from studio.models.sgm_keys import TE1_PREFIX, TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
 from studio.paths import SDXL_BASE_CONFIG_DIR, TINY_MODEL_DIR
+from studio.phases import Component
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 _PICKLE_ADVICE = "pickle checkpoints are never loaded, for safety (they can run code); convert it to .safetensors"
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # SDXL's header is ~250 KB; a bigger length field is garbage
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # Training bookkeeping that real SDXL files carry and no inference component reads.
 _IGNORABLE_PREFIXES = ("model_ema.", "denoiser.", "alphas_cumprod", "betas", "posterior_", "log_one_minus",
                        "sqrt_", "logvar")
@@ -82,7 +80,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[int, ...]
             if len(head) < 8:
                 raise _refuse(path, f"is truncated ({size} bytes, too short for a safetensors header)")
             (length,) = struct.unpack("<Q", head)
-            if length > min(_MAX_HEADER_BYTES, size - 8):
+            if length > min(MAX_HEADER_BYTES, size - 8):
                 raise _refuse(path, f"has a truncated or corrupt header (says {length} bytes, file has {size})")
             raw = f.read(length)
     except OSError as err:
@@ -100,7 +98,7 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[int, ...]
         try:
             shape = tuple(int(n) for n in info["shape"])
             begin, stop = (int(n) for n in info["data_offsets"])
-            width = _DTYPE_BYTES[info["dtype"]]
+            width = SAFETENSORS_DTYPE_BYTES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise _refuse(path, f"has a corrupt safetensors header (entry {key!r})") from None
         if stop - begin != width * _numel(shape) or begin < 0:
@@ -190,7 +188,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> Architecture:
     return classify(shapes, Path(path).name)
 
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# The parts of a single-file SDXL checkpoint, in the order their keys are written.
+CHECKPOINT_PARTS = (Component.UNET, Component.VAE, Component.TEXT_ENCODER, Component.TEXT_ENCODER_2)
 
 
 def _config(model: torch.nn.Module) -> dict[str, Any]:
@@ -201,7 +200,7 @@ def _config(model: torch.nn.Module) -> dict[str, Any]:
 def to_sgm_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
     """All four components of an SDXL pipeline under their original names (meta tensors welcome)."""
     state: dict[str, torch.Tensor] = {}
-    for component in COMPONENTS:
+    for component in CHECKPOINT_PARTS:
         model = getattr(pipe, component)
         state.update(sgm_keys.to_sgm(component, model.state_dict(), _config(model)))
     return state
@@ -254,7 +253,7 @@ def _build(arch: Architecture, get: Callable[[str], torch.Tensor], dtype: torch.
 
     meta = _meta_components(arch)
     models: dict[str, Any] = {}
-    for component in COMPONENTS:
+    for component in CHECKPOINT_PARTS:
         model = getattr(meta, component)
         shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
         state = sgm_keys.from_sgm(component, read, shapes, _config(model))
@@ -271,8 +270,11 @@ def _build(arch: Architecture, get: Callable[[str], torch.Tensor], dtype: torch.
     return models
 
 
-def load_single_file(path: str | os.PathLike[str], torch_dtype: torch.dtype) -> StableDiffusionXLPipeline:
+def load_single_file(path: str | os.PathLike[str], torch_dtype: torch.dtype,
+                     on_progress: Callable[[float], None] | None = None) -> StableDiffusionXLPipeline:
     """An SDXL pipeline from a single-file checkpoint, offline: configs and tokenizers come from assets/.
+
+    `on_progress(fraction)` hears how much of the file's weights has been read.
 
     We convert the keys ourselves: diffusers 0.42.1's `from_single_file` picks the text encoder by
     width, so when TE1 and TE2 are equally wide (the tiny model) it loads TE1's weights into TE2.
@@ -286,8 +288,18 @@ def load_single_file(path: str | os.PathLike[str], torch_dtype: torch.dtype) -> 
     check_keys(shapes, arch, path.name)
     log.info("loading %s as %s in %s", path.name, arch.value, torch_dtype)
     try:
+        total = sum(_numel(shape) for shape in shapes.values()) or 1
+        done = [0]
+
         with safe_open(str(path), framework="pt") as f:
-            models = _build(arch, f.get_tensor, torch_dtype)
+            def get(name: str) -> torch.Tensor:
+                tensor = f.get_tensor(name)
+                if on_progress is not None:
+                    done[0] += tensor.numel()
+                    on_progress(min(1.0, done[0] / total))
+                return tensor
+
+            models = _build(arch, get, torch_dtype)
         pipe = StableDiffusionXLPipeline.from_pretrained(str(arch.config_dir), local_files_only=True, **models)
     except ModelLoadError as err:
         raise ModelLoadError(f"{path.name}: {err}") from err

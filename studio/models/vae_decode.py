@@ -1,4 +1,9 @@
-"""VAE decode in tiles, used when even the working reserve does not fit on the device.
+"""VAE decode: latents to an image as the SDXL pipeline does it, in tiles when memory is short.
+
+`decode_latents` is the generation's decode (unscale, upcast an fp16 VAE that asks for it,
+postprocess to PIL); `plan_decode` reserves its working memory first.
+
+Tiles are used when even the working reserve does not fit on the device.
 
 Tiles overlap by `overlap` latent pixels. In each overlap a tile's outer quarter is thrown
 away (weight 0: those pixels saw a receptive field cut by the tile edge) and the rest is
@@ -62,6 +67,28 @@ def decode(vae, latents: torch.Tensor, plan: TilePlan | None = None) -> torch.Te
     if plan is None:
         return run(latents)
     return tiled_decode(run, latents, plan)
+
+
+def decode_latents(pipe, latents: torch.Tensor, plan: TilePlan | None = None):
+    """VAE decode as the SDXL pipeline does it (fp16 VAEs with force_upcast run in fp32); tiled by `plan`."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        latents = latents.to(vae.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std_t / vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = decode(vae, latents, plan)
+    finally:
+        if upcast:
+            vae.to(torch.float16)
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def tiled_decode(decode_fn: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, plan: TilePlan,

@@ -154,8 +154,8 @@ def test_pin_release_raises_still_unpins(files, monkeypatch):
 def test_entered_and_exited_once(files, monkeypatch):
     cache = LoraCache(10 * SIZE, CountingLoader())
     released = []
-    real = cache._unpin
-    monkeypatch.setattr(cache, "_unpin", lambda e: (released.append(e.key), real(e))[1])
+    real = cache.release_pin
+    monkeypatch.setattr(cache, "release_pin", lambda e: (released.append(e.key), real(e))[1])
     with cache.pin(files["a"]):
         pass
     assert len(released) == 1

@@ -16,15 +16,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import patch_fixtures as pf  # noqa: E402
 
 from studio.errors import LoraError, OutOfMemory  # noqa: E402
-from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings  # noqa: E402
+from studio.choices import LoraMode  # noqa: E402
+from studio.lora.patcher import LoraPatcher, PatcherSettings  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_patcher.py: shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,11 @@ import patch_fixtures as pf  # noqa: E402
 
 from studio.errors import LoraError, OutOfMemory  # noqa: E402
 from studio.lora.base import LowRankPatch  # noqa: E402
-from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings, UnpatchPath  # noqa: E402
+from studio.choices import LoraMode  # noqa: E402
+from studio.lora.patcher import LoraPatcher, PatcherSettings, UnpatchPath  # noqa: E402
 
 OFFLOAD = PatcherSettings(unpatch_lora_by_vram_offload=True)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: OpenMP threads spinning against other processes made a 2 ms apply take
-    # 270 ms (measured); timings here are about our code, not the scheduler.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
@@ -94,9 +86,8 @@ def test_only_what_changes_is_touched(comps, loras):
         first = patcher.apply([(a, 1.0)])
         assert first.tensors_touched == first.tensors_snapshotted == touched_by(a)
         assert first.bytes_snapshotted > 0 and first.bytes_moved >= first.bytes_written > 0
-        again = min((patcher.apply([(a, 1.0)]) for _ in range(5)), key=lambda s: s.seconds)
+        again = patcher.apply([(a, 1.0)])  # DESIGN 4: the same stack again costs nothing (its time: bench.lora_switch)
         assert (again.tensors_touched, again.tensors_skipped, again.bytes_moved) == (0, touched_by(a), 0)
-        assert again.seconds < 0.010  # DESIGN 4: the same stack again costs nothing
         added = patcher.apply([(a, 1.0), (b, 0.5)])
         assert added.tensors_touched == touched_by(b)  # B's layers, whether or not A shares them
         moved = patcher.apply([(a, 1.0), (b, 0.7)])

@@ -14,18 +14,14 @@ import patch_fixtures as pf  # noqa: E402
 
 from studio.errors import LoraError  # noqa: E402
 from studio.lora.base import LowRankPatch  # noqa: E402
-from studio.lora.patcher import LoraMode, LoraPatcher, PatcherSettings  # noqa: E402
-from studio.lora.sidecar import mark_sidecar_only, needs_sidecar, unmark_sidecar_only  # noqa: E402
+from studio.choices import LoraMode  # noqa: E402
+from studio.lora.patcher import LoraPatcher, PatcherSettings  # noqa: E402
+from studio.lora.sidecar import fp8_blocker  # noqa: E402
 
 SIDECAR = PatcherSettings(mode=LoraMode.SIDECAR)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_patcher.py: shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
@@ -103,20 +99,24 @@ def test_switching_between_merged_and_sidecar(comps):
         assert not any(m._forward_hooks for c in comps.values() for m in c.modules())
 
 
-def test_auto_mode_uses_sidecars_only_where_marked(comps):
+def test_auto_mode_uses_sidecars_only_where_the_blocker_says(comps):
     pristine = pf.snapshot(comps)
     a = pf.random_lora(comps, "A", 1, n_layers=20)
     marked = comps[a.patches[0].component].get_submodule(a.patches[0].module)
-    mark_sidecar_only(marked, "streamed")
-    assert needs_sidecar(marked)
-    with LoraPatcher(comps, PatcherSettings(mode=LoraMode.AUTO)) as patcher:
+    blocked = {marked}  # what the memory engine would answer for a streamed layer
+
+    def blocker(module):
+        return "streamed" if module in blocked else None
+
+    assert blocker(marked) == "streamed"
+    with LoraPatcher(comps, PatcherSettings(mode=LoraMode.AUTO), merge_blocker=blocker) as patcher:
         stats = patcher.apply([(a, 1.0)])
         assert stats.sidecars_active == 1 and stats.tensors_touched == len(a.patches) - 1
         name = f"{a.patches[0].module}.weight"
         assert torch.equal(comps[a.patches[0].component].get_parameter(name), pristine[a.patches[0].component][name])
         auto_out = pf.forward_all(comps)
-        unmark_sidecar_only(marked)
-        assert not needs_sidecar(marked)
+        blocked.clear()
+        assert blocker(marked) is None
         patcher.apply([(a, 1.0)])  # now everything merged
         assert patcher.apply([(a, 1.0)]).sidecars_active == 0
         merged_out = pf.forward_all(comps)
@@ -126,9 +126,9 @@ def test_auto_mode_uses_sidecars_only_where_marked(comps):
 
 def test_fp8_storage_is_detected():
     lin = nn.Linear(4, 4)
-    assert not needs_sidecar(lin)
+    assert fp8_blocker(lin) is None
     lin.weight.data = lin.weight.data.to(torch.float8_e4m3fn)
-    assert needs_sidecar(lin)
+    assert fp8_blocker(lin) == "stored in fp8"
 
 
 def test_grouped_conv_runs_its_lora_as_a_dense_extra_weight():

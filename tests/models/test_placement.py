@@ -9,7 +9,7 @@ import torch
 from studio.models.budget import Budgets, measure_budgets
 from studio.models.cache import ModelCache
 from studio.models.memory_report import MemoryWatch, memory_report
-from studio.models.placement import apply_memory_mode, choose_mode, must_run_lora_as_sidecar
+from studio.models.placement import apply_memory_mode, choose_mode
 from studio.models.stream import is_streamed
 from studio.models.vae_decode import decode
 
@@ -87,8 +87,8 @@ def test_switching_modes_reuses_the_cache_and_removes_hooks(pipe):
                                   **SMALL_UNITS)
     streamed = [m for m in pipe.unet.modules() if is_streamed(m)]
     assert streamed and any(isinstance(m, torch.nn.Linear) for m in streamed)  # LoRA sidecar predicate
-    assert all(must_run_lora_as_sidecar(m) for m in streamed)
-    assert not must_run_lora_as_sidecar(pipe.text_encoder.get_submodule("final_layer_norm"))
+    assert all(placement.merge_blocker(m) == "streamed" for m in streamed)
+    assert placement.merge_blocker(pipe.text_encoder.get_submodule("final_layer_norm")) is None
     name = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert torch.equal(placement.pristine("unet", name), pipe.unet.get_parameter(name))
     assert all(r.pins == 1 for r in cache.records()) and cache.lookup("unet").streamed

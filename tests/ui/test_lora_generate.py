@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from studio.metadata import read_png_infotext
+from studio.infotext import read_png_infotext
 from ui.generate_tab import GenerateForm
 from ui.lora_sync import prompt_from_rows, rows_from_prompt
 from ui.png_info import restorable

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from studio.metadata import split_lora_tags
+from studio.infotext import split_lora_tags
 from ui.generate_tab import GenerateForm
 from ui.lora_sync import (add_row, add_word, edit_row, fmt, move_row, prompt_from_rows, remove_row, rows_from_prompt,
                           stack_of, strip_tags)

@@ -35,7 +35,7 @@ def _watch(job, seen: list, stop: threading.Event) -> None:
 
 
 def test_twenty_clients_queue_up_and_never_overlap(tiny_session, url):
-    unet = tiny_session._pipe.unet
+    unet = tiny_session.warm.pipe.unet
     active, peak, lock = [0], [0], threading.Lock()
 
     def enter(_module, _args):

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from studio.errors import SettingsError
-from studio.metadata import format_infotext, parse_infotext, read_png_infotext, save_png, split_lora_tags
+from studio.infotext import format_infotext, parse_infotext, read_png_infotext, save_png, split_lora_tags
 from studio.request import GenerationRequest
 
 

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import lora_fixtures as fx  # noqa: E402
 
-from studio.lora import metadata as md  # noqa: E402
+from studio.lora import file_metadata as md  # noqa: E402
 from studio.lora.reader import inspect_lora, read_lora  # noqa: E402
 
 
