@@ -45,7 +45,8 @@ def machine() -> dict[str, Any]:
                             "torch": torch.__version__, "cpus": os.cpu_count(),
                             "torch_threads": torch.get_num_threads(),
                             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                            "date": dt.datetime.now().isoformat(timespec="seconds")}
+                            "date": dt.datetime.now().isoformat(timespec="seconds"),
+                            "loadavg_start": list(os.getloadavg())}  # the machine is shared: say how busy
     for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
         if os.environ.get(var):
             info[var] = os.environ[var]
@@ -139,6 +140,12 @@ def _exact(entry: dict[str, Any], side: str) -> str:
     return e["text"] if e else "—"
 
 
+def _load(m: dict[str, Any]) -> str:
+    """1-minute load average at the start and the end of the run (other jobs share this machine)."""
+    ends = [m.get("loadavg_start"), m.get("loadavg_end")]
+    return " -> ".join(f"{v[0]:.1f}" for v in ends if v) or "?"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results tables: medians, ratios, worst exactness over all rounds, cold first apply."""
     s = result["summary"]
@@ -148,12 +155,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"{result['model']['label']} ({result['model']['targets']} modules), "
              f"{result['config']['dtype']}, {result['config']['device']}; CPU capability {m.get('cpu_capability')}"
              + "".join(f", {v}={m[v]}" for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if v in m)
-             + f"; {len(result['rounds']) - 1} measured rounds", ""]
-    head = ["step"] + [NAMES[x] for x in present] + [f"{NAMES[p]} / ours off" for p in peers] \
+             + f"; {len(result['rounds']) - 1} measured rounds; load average {_load(m)}", ""]
+    cpu = f"{m.get('cpu', '?')} {m.get('cpu_capability')}"
+    head = ["step", "CPU"] + [NAMES[x] for x in present] + [f"{NAMES[p]} / ours off" for p in peers] \
         + [f"exactness {NAMES[x]}" for x in present]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, entry in s["steps"].items():
-        cells = [name] + [sec(entry.get(x)) for x in present]
+        cells = [name, cpu] + [sec(entry.get(x)) for x in present]
         cells += [ratio(entry.get(f"ratio_{p}_ours_off")) for p in peers]
         cells += [_exact(entry, x) for x in present]
         lines.append("| " + " | ".join(cells) + " |")

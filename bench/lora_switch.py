@@ -273,6 +273,7 @@ def _run(config: Config) -> dict[str, Any]:
     result["rounds"] = rounds
     result["summary"] = summarize(rounds)
     result["peak_rss_gb"] = rss_gb()[1]
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
     if device.type == "cuda":
         result["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     return result
