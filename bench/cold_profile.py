@@ -48,12 +48,16 @@ def by_kind(prof: torch.profiler.profile, wall: float) -> dict[str, float]:
 
 
 def gemm_floor(model: Any, index: Any, dtype: torch.dtype, rank: int = 64, repeats: int = 3) -> dict[str, float]:
-    """Seconds for the merge's GEMMs alone (fp32, rank `rank`, into preallocated outputs), and for one
-    read of every pristine plus one write of every result in the weight dtype (the memory floor)."""
-    gemm, traffic = [], []
+    """Seconds for the merge's GEMMs alone (fp32, rank `rank`, into preallocated outputs); for one
+    read of every pristine plus one write of every result in the weight dtype (the memory floor);
+    and, for weights not in fp32, the two casts an fp32 accumulation needs (pristine rows into an
+    fp32 block, the block rounded back), in the merge's own row blocks."""
+    from studio.lora.merge import CPU_ROW_BLOCK_BYTES
+
+    gemm, traffic, casts = [], [], []
     targets = index.kohya_targets()
     for _ in range(repeats):
-        g, m = 0.0, 0.0
+        g = m = c = 0.0
         for info in targets:
             rows, cols = info.shape[0], int(torch.tensor(info.shape[1:]).prod())
             up, down, out = torch.randn(rows, rank), torch.randn(rank, cols), torch.empty(rows, cols)
@@ -66,11 +70,22 @@ def gemm_floor(model: Any, index: Any, dtype: torch.dtype, rank: int = 64, repea
             t0 = time.perf_counter()
             dst.copy_(src)
             m += time.perf_counter() - t0
+            if dtype != torch.float32:
+                step = max(64, CPU_ROW_BLOCK_BYTES // (4 * cols) // 64 * 64)
+                block = torch.empty(min(step, rows), cols)
+                t0 = time.perf_counter()
+                for r0 in range(0, rows, step):
+                    n = min(step, rows - r0)
+                    block[:n].copy_(src[r0:r0 + n])
+                    dst[r0:r0 + n].copy_(block[:n])
+                c += time.perf_counter() - t0
         gemm.append(g)
         traffic.append(m)
+        casts.append(c)
     flops = sum(2 * i.shape[0] * int(torch.tensor(i.shape[1:]).prod()) * rank for i in targets)
     return {"gemm_seconds": statistics.median(gemm), "gflop": flops / 1e9,
-            "gflops": flops / 1e9 / statistics.median(gemm), "read_write_seconds": statistics.median(traffic)}
+            "gflops": flops / 1e9 / statistics.median(gemm), "read_write_seconds": statistics.median(traffic),
+            "cast_in_out_seconds": statistics.median(casts)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -135,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- {name}: {v['seconds']:.2f} s (read {v['read']:.2f}, apply {v['apply']:.2f}); {parts}")
     f = result["floor"]
     print(f"- floor: the GEMMs alone {f['gemm_seconds']:.2f} s ({f['gflop']:.0f} GFLOP at {f['gflops']:.0f} GFLOPS), "
-          f"reading pristine + writing the result once {f['read_write_seconds']:.2f} s")
+          f"reading pristine + writing the result once {f['read_write_seconds']:.2f} s, "
+          f"the fp32 block's cast in and out {f['cast_in_out_seconds']:.2f} s")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}")
