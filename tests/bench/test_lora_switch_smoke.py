@@ -137,3 +137,13 @@ def test_invokeai_rounds_each_loras_delta_to_bf16(with_invokeai):
     """
     exact = with_invokeai["rounds"][0]["invokeai"]["apply A (1+2)"]["exact"]
     assert exact["elements_off"] > 0
+
+
+def test_the_table_names_the_cpu_on_every_row_and_the_run_records_the_load(result):
+    from bench._report import markdown
+
+    capability = result["machine"]["cpu_capability"]
+    rows = [line for line in markdown(result).splitlines() if line.startswith("| ") and " / ours off" not in line]
+    steps = [line for line in rows if line.split(" | ")[0][2:] in STEPS]
+    assert len(steps) == len(STEPS) and all(capability in line for line in steps)
+    assert len(result["machine"]["loadavg_start"]) == 3 and len(result["machine"]["loadavg_end"]) == 3
