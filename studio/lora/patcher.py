@@ -39,7 +39,7 @@ from studio.choices import LoraMode
 from studio.dtypes import FP8_DTYPES
 from studio.errors import LoraError, OutOfMemory, StudioError
 from studio.lora.base import LoraFile
-from studio.lora.merge import check_patch, merge_rows_cpu, merged_value
+from studio.lora.merge import check_finite, check_patch, merge_rows_cpu, merged_value
 from studio.lora.sidecar import (Entry, MergeBlocker, SidecarSet, check_sidecar_module, compute_dtype_for,
                                  fp8_blocker)
 
@@ -264,12 +264,13 @@ class LoraPatcher:
             if w == 0.0:
                 continue  # the same as absent: nothing to compute, nothing to keep
             checked = self._checked.get(id(lora)) is lora
-            for patch in lora.patches:
-                if self._partial and patch.component not in self.components:
-                    continue
+            mine = [p for p in lora.patches if not (self._partial and p.component not in self.components)]
+            if not checked:
+                for patch in mine:
+                    check_patch(lora, patch, self._module(lora, patch.component, patch.module), finite=False)
+                check_finite(lora, mine)  # all of the file at once: one min/max per dtype
+            for patch in mine:
                 module = self._module(lora, patch.component, patch.module)
-                if not checked:
-                    check_patch(lora, patch, module)
                 entry = (lora, w, patch)
                 if mode is LoraMode.SIDECAR or (mode is LoraMode.AUTO and self._merge_blocker(module)):
                     check_sidecar_module(lora, patch.module, module)

@@ -191,6 +191,29 @@ def test_non_finite_tensor_is_named(tmp_path, bad, word):
     refused(fx.write(tmp_path / "nan.safetensors", tensors), key, word)
 
 
+@pytest.mark.parametrize("chunk", [1 << 25, 100])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_non_finite_value_in_any_dtype_or_chunk_is_found(tmp_path, monkeypatch, dtype, chunk):
+    """The file-wide min/max check (one per dtype, in chunks of FINITE_CHUNK elements) sees every tensor."""
+    import studio.lora.formats.common as common
+
+    monkeypatch.setattr(common, "FINITE_CHUNK", chunk)
+    tensors = {k: v.to(dtype) for k, v in good_tensors().items()}
+    key = sorted(k for k in tensors if k.endswith("lora_down.weight"))[-1]  # the last of its dtype group
+    tensors[key][-1, -1] = float("nan")
+    refused(fx.write(tmp_path / "nan-last.safetensors", tensors), key, "NaN")
+    tensors[key][-1, -1] = 0.0
+    assert read_lora(fx.write(tmp_path / "fine.safetensors", tensors), fx.index()).patches
+
+
+def test_all_finite_skips_integers_and_empty_tensors():
+    from studio.lora.formats.common import all_finite
+
+    assert all_finite([torch.arange(5), torch.empty(0), torch.ones(3, dtype=torch.bfloat16)])
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, -float("inf")], dtype=torch.float16)])
+    assert all_finite([])
+
+
 def test_incomplete_and_mixed_layers(tmp_path):
     ix = fx.index()
     info = fx.samples()[0]
