@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from studio.errors import SettingsError
+from studio.lora.spec import check_weight, spec_of
 from studio.samplers import check_sampler
 
 MAX_SEED = 2**32 - 1
-MAX_LORA_WEIGHT = 4.0
 
 # Requests that passed `validated()`. A request is frozen, so validity is a property of its
 # values; the set lets each check run once on the way from a button (or a jobs line) to the
@@ -20,9 +20,12 @@ _CHECKED: weakref.WeakSet[GenerationRequest] = weakref.WeakSet()
 
 
 def check_lora_weight(name: str, weight: float) -> float:
-    if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
-        raise SettingsError(f"LoRA `{name}` weight must be between -4 and 4, got {weight}")
-    return weight
+    return check_weight(name, weight)
+
+
+def check_loras(loras) -> tuple[tuple, ...]:
+    """Every entry (name, weight) or (name, weight, options) checked, in its canonical form."""
+    return tuple(spec_of(entry).entry() for entry in loras)
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ class GenerationRequest:
     width: int = 0  # 0: the model's native size
     height: int = 0
     sampler: str = "Euler"
-    loras: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    # (name, weight) or (name, weight, options): options is the canonical `unet=..:lbw=..:start=..:stop=..`
+    # text of studio.lora.spec, so a request stays plain JSON
+    loras: tuple[tuple, ...] = field(default_factory=tuple)
 
     def validated(self) -> GenerationRequest:
         """Raise SettingsError naming the field, the value received and what is allowed.
@@ -57,8 +62,7 @@ class GenerationRequest:
             if value != 0 and (not 64 <= value <= 4096 or value % 8):
                 raise SettingsError(f"`{name}` must be a multiple of 8 between 64 and 4096, got {value}")
         check_sampler(self.sampler)
-        for name, weight in self.loras:
-            check_lora_weight(name, weight)
+        check_loras(self.loras)
         _CHECKED.add(self)
         return self
 
@@ -74,11 +78,9 @@ class GenerationRequest:
             raise SettingsError(f"`seed` must be between 0 and {MAX_SEED}, got {seed}")
         return self._checked_copy(seed=seed)
 
-    def with_stack(self, prompt: str, loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
+    def with_stack(self, prompt: str, loras: tuple[tuple, ...]) -> GenerationRequest:
         """The prompt without its `<lora:...>` tags and the resolved stack (its weights checked here)."""
-        for name, weight in loras:
-            check_lora_weight(name, weight)
-        return self._checked_copy(prompt=prompt, loras=loras)
+        return self._checked_copy(prompt=prompt, loras=check_loras(loras))
 
     def _checked_copy(self, **changes: Any) -> GenerationRequest:
         copy = replace(self, **changes)
@@ -103,9 +105,13 @@ class GenerationRequest:
             for key, kind in (("seed", int), ("steps", int), ("width", int), ("height", int), ("cfg", float)):
                 if key in values:
                     values[key] = _number(key, values[key], kind)
-            values["loras"] = tuple((str(n), float(w)) for n, w in values.get("loras", ()))
+            loras = values.get("loras", ())
+            if isinstance(loras, (str, bytes)) or not all(isinstance(e, (list, tuple)) for e in loras):
+                raise TypeError(f"got {loras!r}")
+            values["loras"] = check_loras(loras)
         except (TypeError, ValueError) as err:
-            raise SettingsError(f"`loras` must be a list of [name, weight] pairs ({err})") from None
+            raise SettingsError(f"`loras` must be a list of [name, weight] or [name, weight, options] "
+                                f"({err})") from None
         return cls(**values).validated()
 
 
