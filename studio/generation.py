@@ -64,7 +64,7 @@ def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *,
                     device=str(warm.runtime.device), dtype=warm.runtime.dtype_name)
     with MemoryWatch(warm.placement) as watch, torch.inference_mode():
         try:
-            with loras.pinned(job.stack, timer) as applied:
+            with loras.pinned(job.stack, timer, steps=request.steps) as applied:
                 report.lora = applied.report
                 image = render(warm, applied, request, width, height, timer=timer, report=report, token=token,
                                on_step=on_step, decode_memory=decode_memory)
@@ -106,6 +106,9 @@ def render(warm: WarmPipeline, loras: AppliedStack, request: GenerationRequest, 
         if on_step is not None:
             on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1]))
         token.raise_if_cancelled()  # lands within one step of the click
+        if index + 1 < request.steps:
+            loras.step(Phase.DENOISE, index + 1)  # a LoRA's start=/stop= switches here, before that step
+            last[0] = time.perf_counter()  # the switch is reported on its own, not as step time
         return kwargs
 
     with warm.phase(Phase.DENOISE, loras):

@@ -22,6 +22,7 @@ import tomli_w
 
 from studio.choices import Device, LoraMode, MemoryMode, Precision
 from studio.errors import SettingsError
+from studio.lora.block_weights import parse_presets
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Settings:
     share: bool = False
     auth_user: str = "studio"
     auth_password: str = ""  # empty: generated when a public link is opened
+    lbw_presets: str = ""  # LoRA block-weight presets, `NAME:v1,...,v12` per line (the LBW extension's file format)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def validated(self) -> Settings:
@@ -66,6 +68,7 @@ class Settings:
                 raise SettingsError(f"`{name}` must be between 0 and {1 << 22} (MB), got {value}")
         if not 1 <= self.stream_lookahead <= 16:
             raise SettingsError(f"`stream_lookahead` must be between 1 and 16 layers, got {self.stream_lookahead}")
+        parse_presets(self.lbw_presets)  # raises naming the line that does not read
         return self
 
     def replace(self, **changes: Any) -> Settings:
@@ -120,6 +123,10 @@ SETTING_INFO: dict[str, SettingInfo] = {
     "share": SettingInfo("Public link", "share through a Gradio link; login required", Applies.RESTART),
     "auth_user": SettingInfo("Login user", "for the public link", Applies.RESTART),
     "auth_password": SettingInfo("Login password", "empty = generated and shown locally", Applies.RESTART),
+    "lbw_presets": SettingInfo("LoRA block presets",
+                               "one per line, NAME:12 values (BASE IN04 IN05 IN07 IN08 MID OUT0-OUT5) or 20 "
+                               "(LyCORIS); used as <lora:name:1:lbw=NAME>; built in: ALL NONE INS IND INALL MID "
+                               "MIDD OUTD OUTS OUTALL ALL0.5", Applies.NOW),
 }
 
 
