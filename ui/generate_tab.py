@@ -27,6 +27,7 @@ from ui.access import ServerInfo, is_local, owner_of
 from ui.errors import engine_call
 from ui.lora_panel import LoraPanel, build_lora_panel
 from ui.lora_sync import Row, rows_from_prompt, stack_of, strip_tags
+from ui.scrub import ScrubForm
 from ui.report_view import summary_line
 from ui.sizes import CUSTOM, preset_for, size_presets
 
@@ -120,7 +121,7 @@ def build_generate_tab(session: Session) -> GenerateTab:
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 halt = gr.Button("Stop", variant="stop", elem_id="stop")
             stop_note = gr.Markdown(elem_id="stop-note")
-            loras = build_lora_panel(session, prompt)
+            loras = build_lora_panel(session, prompt, ScrubForm(negative, seed, cfg, width, height, sampler))
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Images", columns=2, height=440, type="filepath", format="png",
                                  elem_id="gallery")

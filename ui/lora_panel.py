@@ -7,6 +7,8 @@
   enable box, a weight slider (-2..2), up/down/remove, and the file's trigger words as chips
   (a click adds that one word to the prompt, never all of them).
 - The rows are the truth; the prompt's `<lora:...>` tags mirror them (ui/lora_sync.py says how).
+- Each row has a collapsed panel (ui/lora_blocks.py): block weights (presets or per-block
+  sliders), UNet weight, start=/stop=, and the opt-in live weight scrub (ui/scrub.py).
 Every event here is browser-only (out of the API); those that write the rows are queued (see ROWS).
 """
 
@@ -20,9 +22,13 @@ import gradio as gr
 
 from studio.lora.stack import search_dirs
 from studio.session import Session
+from ui.access import owner_of
+from ui.lora_blocks import render_blocks
 from ui.lora_catalog import CatalogEntry, LoraCatalog
 from ui.lora_sync import (Row, add_row, add_word, clean_rows, edit_row, move_row, prompt_from_rows, remove_row,
                           rows_from_prompt)
+from ui.scrub import EVENT as SCRUB_EVENT
+from ui.scrub import Scrubber, ScrubForm
 
 COLUMNS = 4
 MAX_CHIPS = 12  # ss_tag_frequency can hold hundreds of tags; the most frequent come first
@@ -43,6 +49,8 @@ class LoraPanel:
     note: gr.Markdown
     rows: gr.State  # list[Row]: the stack, the single source of truth
     shown: gr.State  # names in the browser, in gallery order (a click gives an index)
+    scrub_image: gr.Image | None = None  # the live scrub's picture and its latency note
+    scrub_note: gr.Markdown | None = None
 
 
 def slug(name: str) -> str:
@@ -102,9 +110,13 @@ def row_label(catalog: LoraCatalog, row: Row) -> tuple[str, str]:
     return f"{entry.name} · {entry.badge}", (f"trigger words: {words}…" if words else "no trigger words in the file")
 
 
-def build_lora_panel(session: Session, prompt: gr.Textbox) -> LoraPanel:
-    """Lay out and wire the panel (call inside the Generate tab's column, below the prompt)."""
+def build_lora_panel(session: Session, prompt: gr.Textbox, form: ScrubForm | None = None) -> LoraPanel:
+    """Lay out and wire the panel (call inside the Generate tab's column, below the prompt).
+
+    `form`: the Generate widgets the live scrub reads (without it, rows offer no scrub).
+    """
     catalog = LoraCatalog(session.dirs.cache / "thumbnails")
+    scrubber = Scrubber(session) if form is not None else None
     with gr.Accordion("LoRAs", open=True, elem_id="lora-panel"):
         with gr.Row(equal_height=True):
             search = gr.Textbox(show_label=False, placeholder="Search LoRAs: name, title or trigger word",
@@ -119,6 +131,11 @@ def build_lora_panel(session: Session, prompt: gr.Textbox) -> LoraPanel:
         gr.Markdown("**Stack** (the prompt's `<lora:name:weight>` tags follow these rows, and the other way round)",
                     elem_id="lora-stack-title")
 
+        scrub_note = gr.Markdown(elem_id="lora-scrub-note") if scrubber is not None else None
+        scrub_image = gr.Image(label="Live scrub", type="pil", height=224, interactive=False, visible=False,
+                               elem_id="lora-scrub-image") if scrubber is not None else None
+        scrub = (scrubber, form, scrub_image, scrub_note) if scrubber is not None else None
+
         @gr.render(inputs=[rows], queue=False, show_progress="hidden")
         def stack(current: list[Row]) -> None:
             current = clean_rows(current)
@@ -126,14 +143,15 @@ def build_lora_panel(session: Session, prompt: gr.Textbox) -> LoraPanel:
                 gr.Markdown("No LoRAs in the stack: pick one above, or type `<lora:name:1>` in the prompt.",
                             elem_id="lora-stack-empty", key="empty")
             for row in current:
-                _render_row(catalog, row, rows, prompt)
+                _render_row(catalog, row, rows, prompt, session, scrub)
 
-    panel = LoraPanel(catalog, search, refresh, browser, note, rows, shown)
+    panel = LoraPanel(catalog, search, refresh, browser, note, rows, shown, scrub_image, scrub_note)
     _wire_browser(panel, session, prompt)
     return panel
 
 
-def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textbox) -> None:
+def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textbox, session: Session,
+                scrub: tuple | None) -> None:
     name, tag_id = row["name"], slug(row["name"])
     label, info = row_label(catalog, row)
     entry = lookup(catalog, name)
@@ -158,6 +176,7 @@ def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textb
                 chips = [gr.Button(f"+ {word}", size="sm", scale=0, key=f"chip-{name}-{i}",
                                    elem_id=f"lora-chip-{tag_id}-{i}", elem_classes="lora-chip")
                          for i, word in enumerate(words)]
+        advanced = (lambda: render_blocks(row, tag_id, rows, prompt, session.lbw_presets, changed, wire, ROWS, QUICK))
 
     def wire(listener, kind: str, fn, inputs: list, outputs: list, options: dict[str, Any]) -> None:
         listener(fn, inputs, outputs, key=f"{kind}-{name}", **options)  # keyed: the same event across re-renders
@@ -176,6 +195,21 @@ def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textb
     wire(drop.click, "remove", lambda rs, text: changed(remove_row(rs, name), text), both, both, ROWS)
     for i, (chip, word) in enumerate(zip(chips, words)):
         wire(chip.click, f"chip{i}", lambda text, w=word: add_word(text, w), [prompt], [prompt], QUICK)
+    with gr.Group(elem_classes="lora-row-adv", key=f"adv-group-{name}"):
+        advanced()
+    if scrub is not None and row.get("scrub"):
+        scrubber, form, image, note = scrub
+
+        def scrub_step(w: float, rs: list[Row], text: str, negative: str, seed: float | None, cfg: float,
+                       width: float, height: float, sampler: str, request: gr.Request):
+            values = {"negative": negative, "seed": seed, "cfg": cfg, "width": width, "height": height,
+                      "sampler": sampler}
+            picture, line = scrubber.run(owner_of(request), name, w, rs, text, values)
+            if picture is None:
+                return gr.skip(), gr.skip()
+            return gr.Image(value=picture, visible=True), line
+
+        wire(weight.input, "scrub", scrub_step, [weight, rows, prompt, *form.inputs()], [image, note], SCRUB_EVENT)
 
 
 def _wire_browser(panel: LoraPanel, session: Session, prompt: gr.Textbox) -> None:
