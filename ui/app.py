@@ -1,4 +1,4 @@
-"""build_app(session) -> gr.Blocks: Generate, Report, PNG info and Preferences tabs.
+"""build_app(session) -> gr.Blocks: Generate, Grid, Report, PNG info and Preferences tabs.
 
 Each tab lives in its own module and is wired here. Engine errors become `gr.Error`
 in one place (ui/errors.py). A gr.Timer refreshes the status line (busy/idle, queue,
@@ -14,6 +14,7 @@ import gradio as gr
 from studio.session import Session
 from ui.access import ServerInfo, is_local
 from ui.generate_tab import GPU, build_generate_tab, wire_generate_tab
+from ui.grid_tab import build_grid_tab, wire_grid_tab
 from ui.png_info import build_png_info_tab, wire_png_info
 from ui.preferences import build_preferences, panel_values, wire_preferences
 from ui.report_view import render_unpatch_costs
@@ -69,6 +70,8 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 gen = build_generate_tab(session)
+            with gr.Tab("Grid", id="grid"):
+                grid = build_grid_tab(session)
             with gr.Tab("Report", id="report") as report_tab:
                 report = build_report_panel(session)
             with gr.Tab("PNG info", id="png-info"):
@@ -86,6 +89,7 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
             event.then(refresh_report, gen.last_reports, report_outputs, **quiet)
         report_tab.select(refresh_report, gen.last_reports, report_outputs, **quiet)
         wire_png_info(png, gen, tabs, "generate", size_presets(session.native_size))
+        wire_grid_tab(grid, gen, session, server)
         wire_preferences(prefs, session, server)
         prefs_tab.select(lambda: render_unpatch_costs(list(session.history)), None, prefs.unpatch_costs, **quiet)
 
