@@ -136,8 +136,8 @@ def _request_from_args(args: argparse.Namespace, settings):
     from studio.request import GenerationRequest
 
     if not args.prompt:
-        raise StudioError(f"{args.command} needs --prompt TEXT" + (" (or --jobs FILE.jsonl)" if args.command == "generate"
-                                                                  else ""))
+        jobs = " (or --jobs FILE.jsonl)" if args.command == "generate" else ""
+        raise StudioError(f"{args.command} needs --prompt TEXT{jobs}")
     return GenerationRequest(prompt=args.prompt, negative=args.negative, seed=args.seed,
                              steps=args.steps if args.steps is not None else settings.default_steps,
                              cfg=args.cfg if args.cfg is not None else settings.default_cfg,

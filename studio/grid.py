@@ -149,6 +149,10 @@ def plan_grid(session, base: GenerationRequest, axes: Sequence[Axis | None]) -> 
     kinds = [(a.kind, a.target) for a in axes if a is not None]
     if len(set(kinds)) != len(kinds):
         raise SettingsError("grid: two axes vary the same thing; give each axis its own")
+    for name, axis in zip(NAMES, axes):
+        if axis is not None and axis.kind == "prompt_sr" and axis.values[0] not in base.prompt + base.negative:
+            raise SettingsError(f"grid --{name} prompt_sr: the search text {axis.values[0]!r} (the first value) is "
+                                "not in the prompt, so every cell would be the same")
     if not any(a is not None and a.kind == "seed" for a in axes):
         base = base.validated().with_seed()  # one seed for every cell, as A1111 does
     shape = tuple(len(a.values) if a is not None else 1 for a in axes)

@@ -116,3 +116,22 @@ def test_a_bad_cell_fails_before_any_image(tiny_session, tmp_path):
     base = GenerationRequest(prompt="a cat", seed=2, steps=2, width=64, height=64)
     with pytest.raises(SettingsError, match="unknown block-weight preset"):
         plan_grid(tiny_session, base, [parse_axis(f"lbw:{KOHYA}=ALL,NOPE")])
+
+
+def test_prompt_sr_must_find_its_search_text(tiny_session):
+    base = GenerationRequest(prompt="a cat", seed=2, steps=2, width=64, height=64)
+    with pytest.raises(SettingsError, match="not in the prompt"):
+        plan_grid(tiny_session, base, [parse_axis("prompt_sr=dog,fox")])
+
+
+def test_the_picture_stacks_z_and_reads_without_dejavu(tmp_path, monkeypatch):
+    import studio.grid_image as grid_image
+
+    monkeypatch.setattr(grid_image, "FONT_FILES", ("no-such-font.ttf",))  # CI without fonts: PIL's own font
+    cell = tmp_path / "c.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(cell)
+    cells = {(x, y, z): cell for x in range(2) for y in range(2) for z in range(2)}
+    cells[(1, 1, 1)] = None  # stopped before this one
+    picture = grid_image.compose(cells, ["w 0", "w 1"], ["cool 0", "cool 0.7"], ["seed 1", "seed 2"])
+    assert picture.height > 2 * (2 * 192) and picture.width > 2 * 192
+    assert isinstance(grid_image.font(20), grid_image.ImageFont.FreeTypeFont)  # scalable, not the 11-px bitmap

@@ -101,7 +101,8 @@ def build_grid_tab(session: Session) -> GridTab:
             k = gr.Dropdown(KINDS, value=kind, label=f"{name} axis", elem_id=f"grid-{name.lower()}-kind", scale=1)
             t = gr.Dropdown([], value=None, label="LoRA (lora: and lbw: axes)", allow_custom_value=True,
                             elem_id=f"grid-{name.lower()}-target", scale=2)
-            v = gr.Textbox(label="values (comma-separated; quote a block vector)", elem_id=f"grid-{name.lower()}-values",
+            v = gr.Textbox(label="values (comma-separated; quote a block vector)",
+                           elem_id=f"grid-{name.lower()}-values",
                            placeholder=EXAMPLES.get(kind, ""), value="0, 0.5, 1" if kind == "lora" else "", scale=3)
         axes.append(AxisInputs(k, t, v))
     with gr.Row():

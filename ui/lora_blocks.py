@@ -123,7 +123,8 @@ def render_blocks(row: Row, tag_id: str, rows: gr.State, prompt: gr.Textbox, pre
     for i, slider in enumerate(sliders):
         wire(slider.release, f"block{i}", lambda v, rs, text, i=i: changed(set_block(rs, name, i, v, presets()), text),
              [slider, rows, prompt], both, rows_options)
-    wire(scrub.input, "scrub-on", lambda on, rs: edit_row(rs, name, scrub=bool(on)), [scrub, rows], [rows], rows_options)
+    wire(scrub.input, "scrub-on", lambda on, rs: edit_row(rs, name, scrub=bool(on)), [scrub, rows], [rows],
+         rows_options)
     wire(steps.blur, "psteps", lambda n, rs: edit_row(rs, name, preview_steps=_steps(n)), [steps, rows], [rows],
          rows_options)
     wire(panel.expand, "open", lambda rs: _open(rs, name, True), [rows], [rows], quick)

@@ -2,8 +2,8 @@
 
 Single source of truth: the **rows** (a list of {"name", "weight", "enabled"} dicts in a
 gr.State; a row with more than a weight also has "options", the canonical
-`unet=..:lbw=..:start=..:stop=..` text of studio.lora.spec, which its tag carries too). The prompt's tags mirror the enabled rows, so what one sees in the prompt is
-what runs. Editing the prompt by hand is folded back into the rows on blur (and once more
+`unet=..:lbw=..:start=..:stop=..` text of studio.lora.spec, which its tag carries too). The
+prompt's tags mirror the enabled rows, so what one sees in the prompt is what runs. Editing the prompt by hand is folded back into the rows on blur (and once more
 when Generate runs, so a click straight from the keyboard still counts). Generate then
 sends the prompt text *without* tags plus `loras=` from the enabled rows, so the session
 never sees a LoRA twice.

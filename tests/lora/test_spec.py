@@ -62,7 +62,8 @@ def test_a_spec_round_trips_through_its_tag_and_its_request_entry():
     spec = LoraSpec("warm", 0.7, 0.35, "1,0,0,1,1,1,0.5,0,0,0,0,0", 2, 0.75)
     assert parse_tag(spec.tag()) == spec
     assert spec.tag() == "<lora:warm:0.7:0.35:lbw=1,0,0,1,1,1,0.5,0,0,0,0,0:start=2:stop=0.75>"
-    assert spec_of(spec.entry()) == spec and spec.entry()[2] == "unet=0.35:lbw=1,0,0,1,1,1,0.5,0,0,0,0,0:start=2:stop=0.75"
+    assert spec_of(spec.entry()) == spec
+    assert spec.entry()[2] == "unet=0.35:lbw=1,0,0,1,1,1,0.5,0,0,0,0,0:start=2:stop=0.75"
     assert LoraSpec("warm", 0.5).entry() == ("warm", 0.5)  # plain LoRAs stay pairs
 
 
