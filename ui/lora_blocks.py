@@ -27,16 +27,18 @@ DEFAULT_PREVIEW_STEPS = 4
 Presets = Callable[[], Mapping[str, tuple[float, ...]]]
 
 
-def block_view(row: Row, presets: Mapping[str, tuple[float, ...]]) -> tuple[str, list[str], list[float]]:
-    """(preset choice, slider labels, slider values) for a row: 12 sliders unless its vector needs 20."""
+def block_view(row: Row, presets: Mapping[str, tuple[float, ...]], lycoris: bool = False
+               ) -> tuple[str, list[str], list[float]]:
+    """(preset choice, slider labels, slider values) for a row: 12 sliders, or 20 for a LyCORIS/LoCon
+    file (its conv layers live in the 8 blocks the 12 leave out) or a vector with values there."""
     spec = spec_of_row(row)
     try:
         vector = resolve_lbw(spec, presets)
     except SettingsError:
         vector = None
     if vector is None:
-        return NO_LBW, list(LABELS_12), [1.0] * 12
-    values = compact(vector)
+        return NO_LBW, list(BLOCKS_20 if lycoris else LABELS_12), [1.0] * (20 if lycoris else 12)
+    values = list(vector) if lycoris else compact(vector)
     labels = list(LABELS_12) if len(values) == 12 else list(BLOCKS_20)
     choice = spec.lbw if spec.lbw in {**PRESETS, **presets} else CUSTOM
     return choice, labels, list(values)
@@ -47,10 +49,11 @@ def with_lbw(rows: list[Row], name: str, lbw: str) -> list[Row]:
     return edit_row(rows, name, options=replace(spec_of_row(row), lbw=lbw).options)
 
 
-def set_block(rows: list[Row], name: str, index: int, value: float, presets: Mapping[str, tuple[float, ...]]
-              ) -> list[Row]:
-    """One slider moved: the row's block weights become an explicit vector with that value."""
-    _choice, labels, values = block_view(next(r for r in clean_rows(rows) if r["name"] == name), presets)
+def set_block(rows: list[Row], name: str, index: int, value: float, presets: Mapping[str, tuple[float, ...]],
+              lycoris: bool = False) -> list[Row]:
+    """One slider moved: the row's block weights become an explicit vector with that value (in the
+    layout the sliders show, so a LoCon's 8 extra blocks never drop to 0 behind the user's back)."""
+    _choice, labels, values = block_view(next(r for r in clean_rows(rows) if r["name"] == name), presets, lycoris)
     values[index] = round(float(value), 4)
     return with_lbw(rows, name, vector_text(compact(expand(tuple(values)))))
 
@@ -70,11 +73,14 @@ def set_fields(rows: list[Row], name: str, unet: float | None, start: str, stop:
 
 def render_blocks(row: Row, tag_id: str, rows: gr.State, prompt: gr.Textbox, presets: Presets,
                   changed: Callable[[list[Row], str], tuple[list[Row], str]],
-                  wire: Callable[..., None], rows_options: dict[str, Any], quick: dict[str, Any]) -> gr.Checkbox:
-    """The row's accordion; returns its scrub checkbox. Element ids end in `tag_id` (the row's slug)."""
+                  wire: Callable[..., None], rows_options: dict[str, Any], quick: dict[str, Any],
+                  lycoris: bool = False) -> gr.Checkbox:
+    """The row's accordion; returns its scrub checkbox. Element ids end in `tag_id` (the row's slug).
+    `lycoris`: the file has layers outside the 12 SDXL LoRA blocks (20 sliders)."""
     name = row["name"]
     spec = spec_of_row(row) if _readable(row) else None
-    choice, labels, values = block_view(row, presets()) if spec is not None else (NO_LBW, list(LABELS_12), [1.0] * 12)
+    choice, labels, values = block_view(row, presets(), lycoris) if spec is not None \
+        else (NO_LBW, list(LABELS_12), [1.0] * 12)
     keep: dict[str, Any] = {"preserved_by_key": None, "interactive": True}
     with gr.Accordion("Blocks · steps · live scrub", open=bool(row.get("blocks_open")), key=f"adv-{name}",
                       elem_classes="lora-adv", elem_id=f"lora-adv-{tag_id}") as panel:
@@ -121,7 +127,8 @@ def render_blocks(row: Row, tag_id: str, rows: gr.State, prompt: gr.Textbox, pre
         wire(box.blur, f"field-{box.label}", on_fields, [unet, start, stop, rows, prompt], both, rows_options)
         wire(box.submit, f"submit-{box.label}", on_fields, [unet, start, stop, rows, prompt], both, rows_options)
     for i, slider in enumerate(sliders):
-        wire(slider.release, f"block{i}", lambda v, rs, text, i=i: changed(set_block(rs, name, i, v, presets()), text),
+        wire(slider.release, f"block{i}",
+             lambda v, rs, text, i=i: changed(set_block(rs, name, i, v, presets(), lycoris), text),
              [slider, rows, prompt], both, rows_options)
     wire(scrub.input, "scrub-on", lambda on, rs: edit_row(rs, name, scrub=bool(on)), [scrub, rows], [rows],
          rows_options)

@@ -176,7 +176,10 @@ def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textb
                 chips = [gr.Button(f"+ {word}", size="sm", scale=0, key=f"chip-{name}-{i}",
                                    elem_id=f"lora-chip-{tag_id}-{i}", elem_classes="lora-chip")
                          for i, word in enumerate(words)]
-        advanced = (lambda: render_blocks(row, tag_id, rows, prompt, session.lbw_presets, changed, wire, ROWS, QUICK))
+        # LoCon/LyCORIS files have conv layers in the 8 blocks the 12-block SDXL layout leaves out
+        lycoris = entry is not None and entry.format not in ("kohya", "peft", "dora", "")
+        advanced = (lambda: render_blocks(row, tag_id, rows, prompt, session.lbw_presets, changed, wire, ROWS, QUICK,
+                                          lycoris))
 
     def wire(listener, kind: str, fn, inputs: list, outputs: list, options: dict[str, Any]) -> None:
         listener(fn, inputs, outputs, key=f"{kind}-{name}", **options)  # keyed: the same event across re-renders

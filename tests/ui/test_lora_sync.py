@@ -132,3 +132,18 @@ def test_a_half_typed_tag_is_left_alone_until_generate():
     assert rows_from_prompt("a cat <lora:a:nan>", []) == []
     with pytest.raises(Exception, match="nan"):
         split_lora_tags("a cat <lora:a:nan>")
+
+
+def test_block_sliders_keep_the_layout_they_show():
+    from ui.lora_blocks import block_view, set_block
+
+    kohya = [row("k")]
+    assert len(block_view(kohya[0], {})[1]) == 12
+    moved = set_block(kohya, "k", 5, 0.5, {})  # MID of 12
+    assert moved[0]["options"] == "lbw=1,1,1,1,1,0.5,1,1,1,1,1,1"
+    locon = [row("l")]
+    assert block_view(locon[0], {}, lycoris=True)[1][1] == "IN00"
+    moved = set_block(locon, "l", 10, 0.5, {}, lycoris=True)  # MID of 20: the conv blocks stay at 1
+    assert moved[0]["options"] == "lbw=" + ",".join(["1"] * 10 + ["0.5"] + ["1"] * 9)
+    preset = [row("k", options="lbw=OUTD")]
+    assert block_view(preset[0], {})[0] == "OUTD"
