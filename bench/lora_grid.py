@@ -12,8 +12,10 @@ row by row with unfuse + set_adapters + fuse per cell, both adapters loaded once
 - `partial`: the second LoRA only on the UNet's output blocks (a block-trained LoRA), where the
   order matters: changing only that LoRA rewrites only its layers.
 Sides run one after another in one process (ours best, ours row by row, diffusers, then ours
-both again), so the table gives medians of ours over two passes beside diffusers' one; every
-cell's sampled weights are checked against an independent float64 sum (bench/_exactness.py).
+both again), so the table gives medians of ours over two passes beside diffusers' one; in the
+first pass of each side every cell's sampled weights are checked against an independent float64
+sum (bench/_exactness.py). On a shared machine use `--threads 1`: spinning OpenMP threads
+against other processes slow GEMMs by orders of magnitude (tests/conftest.py `one_thread`).
 """
 
 from __future__ import annotations
@@ -206,8 +208,8 @@ def _run(config: Config) -> dict[str, Any]:
         if config.diffusers:
             result["diffusers"], result["diffusers_load"] = run_diffusers(model.pipe, paths, naive, checker, device)
             log.info("diffusers: %.1f s", sum(r["seconds"] for r in result["diffusers"]))
-        for side, order in (("best", best), ("row_by_row", naive)):
-            passes[side].append(run_ours(patcher, loras, paths, order, checker, device))
+        for side, order in (("best", best), ("row_by_row", naive)):  # checked once already: timings only
+            passes[side].append(run_ours(patcher, loras, paths, order, None, device))
             log.info("%s again: %.1f s", side, sum(r["seconds"] for r in passes[side][-1]))
         patcher.clear()
         if checker is not None:

@@ -27,10 +27,10 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_every_cell_of_ours_is_the_once_rounded_exact_sum(result):
     for side in ("best", "row_by_row"):
-        for rows in result["ours"][side]:
-            assert len(rows) == 25
-            for row in rows:
-                assert row["exact"]["max_ulp"] <= 1, (side, row)
+        first, again = result["ours"][side]
+        assert len(first) == len(again) == 25
+        for row in first:  # the first pass of each side is checked cell by cell; the second is timed only
+            assert row["exact"]["max_ulp"] <= 1, (side, row)
     assert result["after_clear"]["differing"] == 0
 
 

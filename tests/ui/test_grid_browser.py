@@ -39,6 +39,24 @@ def _pick(page, selector: str, text: str) -> None:
     box.press("Enter")
 
 
+def _check(page, selector: str) -> None:
+    """Tick a box in a stack row; a re-render still in flight may swap the box under the first click."""
+    from playwright.sync_api import expect
+
+    for _ in range(5):
+        box = page.locator(selector)
+        if not box.is_checked():
+            box.click()
+        try:
+            expect(page.locator(selector)).to_be_checked(timeout=5_000)
+            page.wait_for_timeout(1_000)  # the row's re-render with the box on
+            if page.locator(selector).is_checked():
+                return
+        except AssertionError:
+            continue
+    expect(page.locator(selector)).to_be_checked()
+
+
 def _base(page, prompt: str) -> None:
     page.locator("#prompt textarea").fill(prompt)
     page.locator("#negative textarea").click()  # blur: tags become rows
@@ -109,7 +127,7 @@ def test_block_panel_presets_and_sliders_write_the_tag_and_the_scrub_follows_the
     expect(prompt).to_have_value(f"a lighthouse <lora:{WARM}:1:lbw=1,0,0,0,0,0.5,1,1,1,0,0,0:stop=0.5>",
                                  timeout=LONG)
 
-    page.locator(f"#lora-scrub-{WARM} input").check()
+    _check(page, f"#lora-scrub-{WARM} input")
     weight = page.locator(f"#lora-weight-{WARM} input[type=number]")
     expect(weight).to_be_visible(timeout=LONG)
     weight.fill("0.6")  # each value typed or dragged reaches the scrub
