@@ -94,6 +94,20 @@ def _weight_record(w: Weight) -> dict[str, object]:
 
 def _nonzero(lora: LoraFile, w: Weight) -> list:
     return [p for p in lora.patches if (w if isinstance(w, float) else w.of(p)) != 0.0]
+def _user_umask() -> int:
+    """The process umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_umask_allows(path: Path) -> None:
+    """Give `path` (and, for a folder, all in it) the modes the user's umask asks for, as `mkdir` and
+    `open` would have: mkdtemp makes the folder 0700 and safetensors writes every weight file 0600,
+    but a baked model is meant to be shared and loaded like any other file of its owner."""
+    mask = _user_umask()
+    for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -147,6 +161,9 @@ def bake(pipe: StableDiffusionXLPipeline, stack: Stack, out_dir: Path,
             wrote_single = not inside
         if out_dir.is_dir():
             out_dir.rmdir()  # empty (checked above); rename cannot replace a folder on every OS
+        _as_umask_allows(partial)
+        if single_file is not None:
+            _as_umask_allows(target)
         os.replace(partial, out_dir)
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)

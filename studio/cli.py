@@ -136,8 +136,10 @@ def _request_from_args(args: argparse.Namespace, settings):
     from studio.request import GenerationRequest
 
     if not args.prompt:
+        from studio.errors import SettingsError
+
         jobs = " (or --jobs FILE.jsonl)" if args.command == "generate" else ""
-        raise StudioError(f"{args.command} needs --prompt TEXT{jobs}")
+        raise SettingsError(f"{args.command} needs --prompt TEXT{jobs}")
     return GenerationRequest(prompt=args.prompt, negative=args.negative, seed=args.seed,
                              steps=args.steps if args.steps is not None else settings.default_steps,
                              cfg=args.cfg if args.cfg is not None else settings.default_cfg,
@@ -146,7 +148,10 @@ def _request_from_args(args: argparse.Namespace, settings):
 
 
 def _read_jobs(path: Path, session) -> list:
-    """Every line checked, LoRA names found, before the model loads: the session's Jobs."""
+    """Every line checked, LoRA names found, before the model loads: the session's Jobs.
+
+    Every bad line is reported, not just the first, so a long jobs file is fixed in one pass.
+    """
     from studio.errors import SettingsError
     from studio.request import GenerationRequest
 
@@ -156,21 +161,28 @@ def _read_jobs(path: Path, session) -> list:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise SettingsError(f"{path}: cannot read the jobs file ({err.strerror})") from None
-    jobs = []
+    except UnicodeDecodeError as err:
+        raise SettingsError(f"{path}: the jobs file is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    jobs, problems = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             data = json.loads(line)
         except json.JSONDecodeError as err:
-            raise SettingsError(f"{path.name} line {number}: not JSON ({err.msg})") from None
+            problems.append(f"{path.name} line {number}: not JSON ({err.msg})")
+            continue
         if not isinstance(data, dict):
-            raise SettingsError(f"{path.name} line {number}: expected a JSON object")
+            problems.append(f"{path.name} line {number}: expected a JSON object")
+            continue
         data = {"steps": settings.default_steps, "cfg": settings.default_cfg, **data}
         try:
             jobs.append(session.prepare(GenerationRequest.from_dict(data)))
         except StudioError as err:
-            raise SettingsError(f"{path.name} line {number}: {err}") from None
+            problems.append(f"{path.name} line {number}: {err}")
+    if problems:
+        head = "" if len(problems) == 1 else f"{len(problems)} bad lines; nothing was run:\n"
+        raise SettingsError(head + "\n".join(problems))
     if not jobs:
         raise SettingsError(f"{path.name}: no jobs in the file")
     return jobs
@@ -180,7 +192,9 @@ def run_generate(args: argparse.Namespace) -> int:
     session = _session(args)
     if args.jobs:
         if not args.out_dir:
-            raise StudioError("--jobs needs --out-dir DIR")
+            from studio.errors import SettingsError
+
+            raise SettingsError("--jobs needs --out-dir DIR (where NNNN.png and NNNN.json are written)")
         jobs = _read_jobs(args.jobs, session)  # all lines checked before the model loads
         args.out_dir.mkdir(parents=True, exist_ok=True)
         for index, job in enumerate(jobs, 1):

@@ -23,6 +23,7 @@ from studio.lora.stack import StackItem
 from studio.models.memory_report import MemoryWatch
 from studio.models.vae_decode import decode_latents, plan_decode
 from studio.phases import Phase
+from studio.preview import PreviewMeter
 from studio.report import PhaseTimer, Report
 from studio.request import GenerationRequest
 from studio.samplers import make_scheduler
@@ -56,23 +57,28 @@ class GenerationResult:
 
 def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *, timer: PhaseTimer, started: float,
              token: CancelToken, on_step: StepCallback | None = None,
-             decode_memory: DecodeMemory = DecodeMemory()) -> GenerationResult:
-    """Run `job` to a saved PNG at `out_path` and its report. Raises Cancelled, OutOfMemory, LoraError."""
+             decode_memory: DecodeMemory = DecodeMemory(), preview: bool = False) -> GenerationResult:
+    """Run `job` to a saved PNG at `out_path` and its report. Raises Cancelled, OutOfMemory, LoraError.
+
+    `timer` announces each phase as it starts (its `on_enter`); with `preview`, every few steps'
+    StepEvent carries a small picture of the latents (warm.preview, fitted when the model loaded).
+    """
     request = job.request  # its seed is concrete: the caller chose the file name from it
     width, height = request.width or warm.native_size, request.height or warm.native_size
     report = Report(request=request.to_dict() | {"width": width, "height": height}, model=warm.info.to_dict(),
                     device=str(warm.runtime.device), dtype=warm.runtime.dtype_name)
+    meter = PreviewMeter(preview and warm.preview is not None)
     with MemoryWatch(warm.placement) as watch, torch.inference_mode():
         try:
             with loras.pinned(job.stack, timer, steps=request.steps) as applied:
                 report.lora = applied.report
                 image = render(warm, applied, request, width, height, timer=timer, report=report, token=token,
-                               on_step=on_step, decode_memory=decode_memory)
+                               on_step=on_step, decode_memory=decode_memory, meter=meter)
             with timer.phase("save"):
                 hashes = {row["name"]: row["hash"] for row in report.lora["stack"]}
                 infotext = format_infotext(request, width=width, height=height, model_name=warm.info.source.name,
                                            model_hash=warm.info.short_hash, lora_hashes=hashes,
-                                           version=f"lora-studio {__version__}")
+                                           version=f"lora-studio {__version__}", vae=warm.info.vae_name)
                 save_png(image, out_path, infotext)
         except Cancelled:
             report.status = "cancelled"
@@ -80,6 +86,8 @@ def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *,
         finally:
             timer.phases["total"] = time.perf_counter() - started  # includes a cold model load
             report.phases = {k: round(v, 5) for k, v in timer.phases.items()}
+            steps = report.step_seconds
+            report.preview = meter.report(len(steps), sum(steps) / len(steps) if steps else 0.0, warm.preview)
     report.memory = watch.report(lora_cache_bytes=loras.cache.bytes_used)
     report.notes.extend(warm.notes)
     report.outputs = [str(out_path)]
@@ -88,7 +96,7 @@ def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *,
 
 def render(warm: WarmPipeline, loras: AppliedStack, request: GenerationRequest, width: int, height: int, *,
            timer: PhaseTimer, report: Report, token: CancelToken, on_step: StepCallback | None,
-           decode_memory: DecodeMemory) -> Image.Image:
+           decode_memory: DecodeMemory, meter: PreviewMeter) -> Image.Image:
     """Encode, denoise, decode: each phase with its components on the device and its LoRAs patched."""
     pipe, device = warm.pipe, warm.runtime.device
     with warm.phase(Phase.TEXT_ENCODE, loras), timer.phase("text_encode"):
@@ -102,13 +110,19 @@ def render(warm: WarmPipeline, loras: AppliedStack, request: GenerationRequest, 
     def step_end(_pipe, index: int, _timestep, kwargs: dict) -> dict:
         now = time.perf_counter()
         report.step_seconds.append(round(now - last[0], 5))
-        last[0] = now
+        picture = None
+        if meter.due(index + 1, request.steps):
+            picture = warm.preview.image(kwargs["latents"])
+            meter.images += 1
+            meter.seconds += time.perf_counter() - now
         if on_step is not None:
-            on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1]))
+            on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1], picture))
         token.raise_if_cancelled()  # lands within one step of the click
         if index + 1 < request.steps:
             loras.step(Phase.DENOISE, index + 1)  # a LoRA's start=/stop= switches here, before that step
-            last[0] = time.perf_counter()  # the switch is reported on its own, not as step time
+        # The next step's time leaves out the preview, the caller's work and a step-range switch
+        # (reported on its own, in the report's step_switches).
+        last[0] = time.perf_counter()
         return kwargs
 
     with warm.phase(Phase.DENOISE, loras):

@@ -51,7 +51,7 @@ def _quote(value: str) -> str:
 
 
 def format_infotext(request: GenerationRequest, *, width: int, height: int, model_name: str, model_hash: str,
-                    lora_hashes: dict[str, str] | None = None, version: str = "") -> str:
+                    lora_hashes: dict[str, str] | None = None, version: str = "", vae: str = "") -> str:
     """The `parameters` text for one image; `request.seed` must be the concrete seed used."""
     prompt = request.prompt + "".join(f" {spec_of(entry).tag()}" for entry in request.loras)
     params = {
@@ -62,6 +62,7 @@ def format_infotext(request: GenerationRequest, *, width: int, height: int, mode
         "Size": f"{width}x{height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "VAE": vae,  # A1111's key for a separate VAE; left out when the model's own decoded
     }
     if lora_hashes:
         params["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in lora_hashes.items())

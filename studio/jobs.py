@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from studio.errors import Cancelled
 
@@ -20,6 +21,7 @@ class StepEvent:
     step: int  # 1-based
     total: int
     seconds: float  # this step's wall time
+    preview: Any = None  # a small PIL image of the latents every few steps (studio.preview), else None
 
 
 StepCallback = Callable[[StepEvent], None]

@@ -11,17 +11,26 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+PhaseCallback = Callable[[str], None]  # told a phase's name ("text_encode", "vae_decode", ...) as it starts
 
 
 class PhaseTimer:
-    """Wall time per named phase; a phase entered twice accumulates."""
+    """Wall time per named phase; a phase entered twice accumulates.
 
-    def __init__(self) -> None:
+    `on_enter` hears each phase as it starts: the report's phases are the progress a caller
+    shows, so the two can never name different things.
+    """
+
+    def __init__(self, on_enter: PhaseCallback | None = None) -> None:
         self.phases: dict[str, float] = {}
+        self._on_enter = on_enter
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if self._on_enter is not None:
+            self._on_enter(name)
         start = time.perf_counter()
         try:
             yield
@@ -43,6 +52,7 @@ class Report:
     status: str = "ok"  # "ok" or "cancelled"
     notes: list[str] = field(default_factory=list)  # what the engine decided on its own (tiling, fp8 off, ...)
     created: float = field(default_factory=time.time)  # wall clock, for charts across a session
+    preview: dict[str, Any] = field(default_factory=dict)  # live preview: on/off, how often, what it cost
 
     @property
     def it_per_s(self) -> float:
@@ -53,6 +63,15 @@ class Report:
         data = asdict(self)
         data["it_per_s"] = round(self.it_per_s, 3)
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """A report read back from its JSON (next to a PNG, or in the history file); unknown keys are ignored."""
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("request", "model", "device", "dtype"):
+            values.setdefault(key, {} if key in ("request", "model") else "")
+        return cls(**values)
 
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,19 @@ from studio.lora.spec import check_weight, spec_of
 from studio.samplers import check_sampler
 
 MAX_SEED = 2**32 - 1
+# One size limit for the UI's sliders, its API and the CLI (A1111's too): SDXL was trained near one
+# megapixel, and a 2048 x 2048 decode already needs ~9 GB of working memory in fp16.
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
 
 # Requests that passed `validated()`. A request is frozen, so validity is a property of its
 # values; the set lets each check run once on the way from a button (or a jobs line) to the
 # pipeline, however many layers hand the request on.
 _CHECKED: weakref.WeakSet[GenerationRequest] = weakref.WeakSet()
+
+
+def size_message(name: str, value: object) -> str:
+    """The one message for a width or height out of bounds, wherever it was typed."""
+    return f"`{name}` must be a multiple of {SIDE_STEP} between {MIN_SIDE} and {MAX_SIDE}, got {value}"
 
 
 def check_lora_weight(name: str, weight: float) -> float:
@@ -59,8 +67,8 @@ class GenerationRequest:
             raise SettingsError(f"`cfg` must be between 0 and 30, got {self.cfg}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value != 0 and (not 64 <= value <= 4096 or value % 8):
-                raise SettingsError(f"`{name}` must be a multiple of 8 between 64 and 4096, got {value}")
+            if value != 0 and (not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_STEP):
+                raise SettingsError(size_message(name, value))
         check_sampler(self.sampler)
         check_loras(self.loras)
         _CHECKED.add(self)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from studio.errors import SettingsError
 from studio.generation import DecodeMemory, GenerationResult, Job, generate
+from studio.history import ReportHistory
 from studio.jobs import CancelToken, JobSlot, StepCallback, StepEvent
 from studio.lora.block_weights import parse_presets
 from studio.lora.engine import LoraEngine, patcher_settings
@@ -28,11 +28,12 @@ from studio.models.loader import resolve_source
 from studio.outputs import next_output_path
 from studio.paths import AppDirs, app_dirs
 from studio.phases import Phase
-from studio.report import PhaseTimer, Report
+from studio.preview import cached_projection
+from studio.report import PhaseCallback, PhaseTimer
 from studio.request import GenerationRequest
 from studio.runtime import Runtime, resolve_runtime
 from studio.settings import SETTING_INFO, Applies, Settings
-from studio.warm_pipeline import ModelInfo, WarmPipeline, load_warm_pipeline
+from studio.warm_pipeline import LoadProgress, ModelInfo, WarmPipeline, load_warm_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class Session:
         self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision)
         self._slot = JobSlot()
         self._warm: WarmPipeline | None = None
-        self.history: deque[Report] = deque(maxlen=200)  # this session's reports, oldest first
+        # the last reports, oldest first; kept on disk, so the charts survive a restart
+        self.history = ReportHistory(self.dirs.data / "reports.jsonl")
         self.loras = LoraEngine(self.settings.lora_cache_mb,
                                 patcher_settings(self.settings.lora_mode, self.settings.unpatch_lora_by_vram_offload))
 
@@ -91,25 +93,66 @@ class Session:
         return self._warm
 
     @property
+    def outputs_root(self) -> Path:
+        """Where PNGs are saved: the outputs_dir setting, else the per-user data folder."""
+        outputs = self.settings.outputs_dir
+        return Path(outputs).expanduser() if outputs else self.dirs.default_outputs
+
+    @property
     def native_size(self) -> int:
         warm = self._warm
         return warm.native_size if warm is not None else SDXL_DEFAULT_SIZE
 
-    def load_model(self, spec: str | None = None) -> ModelInfo:
-        """Replace the warm pipeline (waits for a running generation to end)."""
+    def load_model(self, spec: str | None = None, vae: str | None = None,
+                   on_progress: LoadProgress | None = None) -> ModelInfo:
+        """Replace the warm pipeline (waits for a running generation to end).
+
+        `spec`/`vae` None: the settings' model and VAE; given, they become the running settings'
+        (the LoRA stack is the caller's, so it applies to the new model at the next generation).
+        `on_progress(stage, fraction)` hears the load's stages (warm_pipeline.LOAD_STAGES).
+        """
         source = resolve_source(spec if spec is not None else self.settings.model)
         with self._slot.exclusive():
             self._unload_locked()  # before loading the new one: peak RAM is one model
-            self._warm = load_warm_pipeline(source, self.runtime, self.settings, budgets=self._budgets,
-                                            loras=self.loras, hash_cache=self.dirs.cache / "model-hashes.json")
+            self._warm = self._load(source, self.settings.vae if vae is None else vae, on_progress)
+            changes = {k: v for k, v in (("model", spec), ("vae", vae)) if v is not None}
+            if changes:
+                self.settings = self.settings.replace(**changes)
             return self._warm.info
 
     def _ensure_model(self) -> WarmPipeline:
         if self._warm is None:
-            self._warm = load_warm_pipeline(resolve_source(self.settings.model), self.runtime, self.settings,
-                                            budgets=self._budgets, loras=self.loras,
-                                            hash_cache=self.dirs.cache / "model-hashes.json")
+            self._warm = self._load(resolve_source(self.settings.model), self.settings.vae, None)
         return self._warm
+
+    def _load(self, source, vae: str, on_progress: LoadProgress | None) -> WarmPipeline:
+        warm = load_warm_pipeline(source, self.runtime, self.settings, budgets=self._budgets, loras=self.loras,
+                                  hash_cache=self.dirs.cache / "model-hashes.json", vae=vae, on_progress=on_progress)
+        if self.settings.live_preview:
+            if on_progress is not None:
+                on_progress("preview", None)
+            self._fit_preview(warm)
+        return warm
+
+    def _fit_preview(self, warm: WarmPipeline) -> None:
+        """Fit the live preview's latent -> RGB map to this VAE (cached on disk by the weights' hash).
+
+        A fit that fails leaves the preview off with a note in every report; the model still works.
+        """
+        try:
+            self._fit_preview_locked(warm)
+        except (RuntimeError, ValueError, OSError) as err:
+            log.warning("live preview unavailable: %s", err)
+            warm.notes.append(f"live preview off: fitting it to the VAE failed ({err})")
+
+    def _fit_preview_locked(self, warm: WarmPipeline) -> None:
+        key = f"{warm.info.sha256}|{warm.info.vae}"
+        if warm.info.vae:
+            from studio.models.hashing import model_sha256
+
+            key = f"{warm.info.sha256}|{model_sha256(Path(warm.info.vae), self.dirs.cache / 'model-hashes.json')}"
+        with warm.phase(Phase.DECODE):
+            warm.preview = cached_projection(warm.pipe.vae, key, self.dirs.cache / "preview-fits.json")
 
     def _budgets(self) -> Budgets:
         s = self.settings
@@ -174,28 +217,37 @@ class Session:
         return parse_presets(self.settings.lbw_presets)
 
     def generate(self, request: GenerationRequest | Job, *, on_step: StepCallback | None = None,
-                 cancel: CancelToken | None = None, out_path: Path | None = None) -> GenerationResult:
-        """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError."""
+                 on_phase: PhaseCallback | None = None, cancel: CancelToken | None = None,
+                 out_path: Path | None = None) -> GenerationResult:
+        """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError.
+
+        `on_phase(name)` hears each phase as it starts (the report's phase names: "model_load",
+        "lora_load", "lora_patch", "text_encode", "denoise", "vae_decode", "save", ...);
+        `on_step` each denoising step, with a preview picture every few steps when live_preview is on.
+        """
         job = request if isinstance(request, Job) else self.prepare(request)
         token = cancel or CancelToken()
         with self._slot.job(token):
             token.raise_if_cancelled()  # stopped while waiting in line
             # Outside every phase and lock, so they unwind (weights back at rest) before it frees memory.
             with oom_guard(self._warm.cache if self._warm else None, "the generation"):
-                result = self._generate_locked(job, on_step, token, out_path)
+                result = self._generate_locked(job, on_step, on_phase, token, out_path)
             self.history.append(result.report)
         return result
 
-    def _generate_locked(self, job: Job, on_step: StepCallback | None, token: CancelToken,
-                         out_path: Path | None) -> GenerationResult:
-        timer, started = PhaseTimer(), time.perf_counter()
+    def _generate_locked(self, job: Job, on_step: StepCallback | None, on_phase: PhaseCallback | None,
+                         token: CancelToken, out_path: Path | None) -> GenerationResult:
+        timer, started = PhaseTimer(on_phase), time.perf_counter()
         if self._warm is None:
             with timer.phase("model_load"):
                 self._ensure_model()
         warm = self._warm
+        preview = self.settings.live_preview
+        if preview and warm.preview is None:  # switched on after the model loaded
+            with timer.phase("preview_fit"):
+                self._fit_preview(warm)
         job = replace(job, request=job.request.with_seed())
-        root = Path(self.settings.outputs_dir).expanduser() if self.settings.outputs_dir else self.dirs.default_outputs
-        path = Path(out_path) if out_path is not None else next_output_path(root, job.request.seed)
+        path = Path(out_path) if out_path is not None else next_output_path(self.outputs_root, job.request.seed)
         budgets = self._budgets() if self.runtime.device.type == "cuda" else None
         memory = DecodeMemory(self.settings.working_memory_mb, budgets.working if budgets else 0)
 
@@ -205,7 +257,7 @@ class Session:
                 on_step(event)
 
         return generate(warm, self.loras, job, path, timer=timer, started=started, token=token, on_step=step,
-                        decode_memory=memory)
+                        decode_memory=memory, preview=preview)
 
     def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None):
         """Write the model with a LoRA stack merged in (diffusers folder, optionally one file too).

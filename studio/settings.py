@@ -32,6 +32,8 @@ class Settings:
     """Every preference the engine and the UI read. Empty strings mean "the default"."""
 
     model: str = ""  # empty: the embedded tiny SDXL
+    vae: str = ""  # empty: the model's own VAE; else a VAE .safetensors file or diffusers folder
+    model_dirs: tuple[str, ...] = ()  # folders the model picker lists checkpoints and VAEs from
     lora_dirs: tuple[str, ...] = ()
     outputs_dir: str = ""  # empty: <data dir>/outputs
     device: Device = Device.AUTO
@@ -47,6 +49,7 @@ class Settings:
     working_memory_mb: int = 0  # 0: estimated from the image size before each VAE decode
     default_steps: int = 20
     default_cfg: float = 5.0
+    live_preview: bool = True  # a small picture of the latents every few steps while denoising
     port: int = 7860
     share: bool = False
     auth_user: str = "studio"
@@ -95,6 +98,10 @@ class SettingInfo:
 SETTING_INFO: dict[str, SettingInfo] = {
     "model": SettingInfo("Model", "diffusers folder or SDXL .safetensors file; empty = built-in demo model",
                          Applies.MODEL_RELOAD),
+    "vae": SettingInfo("VAE", "a separate VAE (.safetensors file or diffusers folder); empty = the model's own",
+                       Applies.MODEL_RELOAD),
+    "model_dirs": SettingInfo("Model folders", "folders the model picker lists SDXL checkpoints and VAEs from",
+                              Applies.NOW),
     "lora_dirs": SettingInfo("LoRA folders", "folders searched for .safetensors LoRAs", Applies.NOW),
     "outputs_dir": SettingInfo("Output folder", "where PNGs are saved; empty = the per-user data folder",
                                Applies.RESTART),
@@ -119,6 +126,8 @@ SETTING_INFO: dict[str, SettingInfo] = {
                                      Applies.NOW),
     "default_steps": SettingInfo("Default steps", "", Applies.NOW),
     "default_cfg": SettingInfo("Default CFG", "", Applies.NOW),
+    "live_preview": SettingInfo("Live preview", "a small picture of the image every few denoising steps "
+                                "(a linear map fitted to the VAE; its cost per step is in the report)", Applies.NOW),
     "port": SettingInfo("Port", "local port of the UI", Applies.RESTART),
     "share": SettingInfo("Public link", "share through a Gradio link; login required", Applies.RESTART),
     "auth_user": SettingInfo("Login user", "for the public link", Applies.RESTART),

@@ -12,21 +12,29 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from studio.lora.engine import AppliedStack, LoraEngine
-from studio.models.architectures import SDXL_DEFAULT_SIZE, TINY_DEFAULT_SIZE
+from studio.models.architectures import SDXL_DEFAULT_SIZE
 from studio.models.budget import Budgets
 from studio.models.cache import ModelCache
 from studio.models.fp8 import enable_fp8_storage, fp8_supported
 from studio.models.hashing import model_sha256
 from studio.models.loader import ModelSource, SourceKind, load_pipeline
 from studio.models.placement import Placement, apply_memory_mode
+from studio.models.vae_file import load_vae
 from studio.phases import LORA_TARGETS, Phase
+from studio.preview import LatentProjection
 from studio.runtime import Runtime
 from studio.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+LoadProgress = Callable[[str, "float | None"], None]  # (stage, fraction done or None) while a model loads
+LOAD_STAGES = {"read": "reading the weights", "vae": "reading the VAE", "hash": "hashing the weights (once per file)",
+               "place": "placing the weights (memory mode)", "preview": "fitting the live preview to the VAE"}
 
 
 @dataclass(frozen=True)
@@ -34,14 +42,22 @@ class ModelInfo:
     source: ModelSource
     sha256: str
     load_seconds: float
+    vae: str = ""  # a separate VAE's path; empty: the model's own
+    native_size: int = SDXL_DEFAULT_SIZE  # the side the UNet was made for (its sample_size x the VAE's scale)
 
     @property
     def short_hash(self) -> str:
         return self.sha256[:10]
 
+    @property
+    def vae_name(self) -> str:
+        return Path(self.vae).name if self.vae else ""
+
     def to_dict(self) -> dict:
-        return {"name": self.source.name, "kind": self.source.kind.value, "location": self.source.location,
-                "hash": self.short_hash, "load_seconds": round(self.load_seconds, 4), "demo": self.source.is_demo}
+        out = {"name": self.source.name, "kind": self.source.kind.value, "location": self.source.location,
+               "hash": self.short_hash, "load_seconds": round(self.load_seconds, 4), "demo": self.source.is_demo,
+               "native_size": self.native_size}
+        return out | ({"vae": self.vae_name, "vae_location": self.vae} if self.vae else {})
 
 
 @dataclass
@@ -55,10 +71,11 @@ class WarmPipeline:
     runtime: Runtime
     scheduler_config: dict[str, Any]  # the model's own; each job builds a fresh scheduler from it
     notes: list[str] = field(default_factory=list)  # what loading decided on its own (fp8 off, ...)
+    preview: LatentProjection | None = None  # the live preview's latent -> RGB map, fitted to this VAE
 
     @property
     def native_size(self) -> int:
-        return TINY_DEFAULT_SIZE if self.info.source.is_demo else SDXL_DEFAULT_SIZE
+        return self.info.native_size
 
     @contextmanager
     def phase(self, phase: Phase, loras: AppliedStack | None = None) -> Iterator[None]:
@@ -77,16 +94,41 @@ class WarmPipeline:
         self.placement.close()
 
 
+def native_size(pipe: Any) -> int:
+    """The image side a model was trained at: its UNet's latent sample size times the VAE's scale.
+
+    Read from the model, not from where it came from: a demo model baked into a folder is still
+    a 256 px model (a 1024 px image from it is mostly noise at the wrong scale).
+    """
+    sample = getattr(pipe.unet.config, "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    if isinstance(sample, (list, tuple)):
+        sample = sample[0]
+    return int(sample) * int(scale) if sample else SDXL_DEFAULT_SIZE
+
+
 def load_warm_pipeline(source: ModelSource, runtime: Runtime, settings: Settings, *, budgets: Callable[[], Budgets],
-                       loras: LoraEngine, hash_cache) -> WarmPipeline:
-    """Load `source`, place it by the memory settings and bind the LoRA engine to it.
+                       loras: LoraEngine, hash_cache, vae: str = "",
+                       on_progress: LoadProgress | None = None) -> WarmPipeline:
+    """Load `source` (with a separate `vae` when given), place it by the memory settings and bind the
+    LoRA engine to it; `on_progress(stage, fraction)` hears each LOAD_STAGES stage as it goes.
 
     `budgets()` is measured after the weights are in RAM, so what the model holds counts as ours.
     """
+    def stage(name: str) -> Callable[[float | None], None]:
+        if on_progress is None:
+            return lambda fraction: None
+        on_progress(name, 0.0)
+        return lambda fraction: on_progress(name, fraction)
+
     start = time.perf_counter()
     device = runtime.device
-    pipe = load_pipeline(source, runtime.dtype, device)
-    sha = model_sha256(source.path, hash_cache) if source.kind is not SourceKind.HUB else ""
+    pipe = load_pipeline(source, runtime.dtype, device, on_progress=stage("read"))
+    if vae:
+        stage("vae")
+        pipe.vae = load_vae(vae, pipe.vae, runtime.dtype)
+    sha = model_sha256(source.path, hash_cache, stage("hash")) if source.kind is not SourceKind.HUB else ""
+    stage("place")
     notes: list[str] = []
     if settings.fp8_storage:
         fp8, why = fp8_supported(device)
@@ -104,7 +146,7 @@ def load_warm_pipeline(source: ModelSource, runtime: Runtime, settings: Settings
     except BaseException:
         placement.close()
         raise
-    info = ModelInfo(source, sha, time.perf_counter() - start)
+    info = ModelInfo(source, sha, time.perf_counter() - start, vae=str(vae), native_size=native_size(pipe))
     log.info("loaded %s (%s) in %.2fs on %s/%s, memory mode %s", source.name, source.kind.value, info.load_seconds,
              device, runtime.dtype_name, placement.mode)
     return WarmPipeline(pipe, placement, cache, info, runtime, dict(pipe.scheduler.config), notes)

@@ -235,3 +235,42 @@ def test_a_lora_that_does_not_fit_is_refused_and_nothing_is_written(pipe, stack,
         bake(pipe, [stack[0], (bad, 1.0)], tmp_path / "out")
     assert not (tmp_path / "out").exists() and _no_partials(tmp_path) == []
     _assert_same(_state(pipe), before)
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_the_baked_files_get_the_modes_the_users_umask_asks_for(pipe, stack, tmp_path, umask, folder_mode, file_mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        bake(pipe, stack, tmp_path / "out", tmp_path / "one.safetensors")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "out", *(tmp_path / "out").rglob("*"), tmp_path / "one.safetensors"]}
+    wrong = {name: oct(mode) for name, mode in modes.items()
+             if mode != (folder_mode if (tmp_path / name).is_dir() else file_mode)}
+    assert wrong == {}  # mkdtemp made the folder 0700 and safetensors every weight file 0600
+
+
+def test_a_baked_demo_model_keeps_the_demos_native_size(pipe, stack, tmp_path):
+    from studio.choices import Precision
+    from studio.paths import AppDirs
+    from studio.request import GenerationRequest
+    from studio.session import Session
+    from studio.settings import Settings
+
+    bake(pipe, stack, tmp_path / "baked")
+    dirs = AppDirs(config=tmp_path / "c", data=tmp_path / "d", cache=tmp_path / "cache")
+    for folder in (dirs.config, dirs.data, dirs.cache):
+        folder.mkdir()
+    session = Session(Settings(model=str(tmp_path / "baked"), device="cpu", precision=Precision.FP32,
+                               live_preview=False), dirs)
+    try:
+        info = session.load_model()
+        assert not info.source.is_demo and info.native_size == 256 == session.native_size
+        result = session.generate(GenerationRequest(prompt="a cat", seed=1, steps=1), out_path=tmp_path / "b.png")
+        assert (result.report.request["width"], result.report.request["height"]) == (256, 256)
+    finally:
+        session.close()

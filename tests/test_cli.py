@@ -160,3 +160,32 @@ def test_job_lines_take_lora_options(tmp_path):
     assert "<lora:demo-kohya-warm:0.8:lbw=OUTD:stop=1>" in info.prompt
     report = json.loads((tmp_path / "out" / "0001.json").read_text())
     assert report["lora"]["step_switches"][0]["step"] == 1
+def _run_in_process(argv: list[str], home: Path, monkeypatch) -> int:
+    """The CLI's own entry (no subprocess, no model load for input errors), as `launch.py` calls it."""
+    from studio.cli import build_parser, run
+
+    monkeypatch.setenv("LORA_STUDIO_HOME", str(home))
+    return run(build_parser().parse_args(argv))
+
+
+def test_a_jobs_file_reports_every_bad_line_at_once(tmp_path, monkeypatch, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"prompt": "ok"}\n{"prompt": "x", "steps": 0}\nnot json\n\n{"prompt": "y", "width": 4096}\n'
+                    '{"prompt": "z <lora:no-such-lora:1>"}\n')
+    code = _run_in_process(["generate", "--jobs", str(jobs), "--out-dir", str(tmp_path / "o")], tmp_path / "h",
+                           monkeypatch)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert lines[0] == "error: 4 bad lines; nothing was run:"
+    assert lines[1] == "jobs.jsonl line 2: `steps` must be between 1 and 200, got 0"
+    assert lines[2].startswith("jobs.jsonl line 3: not JSON")
+    assert lines[3] == "jobs.jsonl line 5: `width` must be a multiple of 8 between 64 and 2048, got 4096"
+    assert lines[4].startswith("jobs.jsonl line 6:") and "no-such-lora" in lines[4]
+    assert not (tmp_path / "o").exists()
+
+
+def test_jobs_without_an_out_dir_is_bad_input_and_exits_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "ok"}\n')
+    assert _run_in_process(["generate", "--jobs", str(tmp_path / "jobs.jsonl")], tmp_path / "h", monkeypatch) == 2
+    assert "--jobs needs --out-dir DIR" in capsys.readouterr().err
+    assert _run_in_process(["generate"], tmp_path / "h", monkeypatch) == 2  # no --prompt: bad input too

@@ -9,7 +9,8 @@ from studio.request import GenerationRequest
 @pytest.mark.parametrize("field,value,message", [
     ("steps", 0, "`steps` must be between 1 and 200, got 0"),
     ("cfg", 31.0, "`cfg` must be between 0 and 30, got 31.0"),
-    ("width", 100, "`width` must be a multiple of 8 between 64 and 4096, got 100"),
+    ("width", 100, "`width` must be a multiple of 8 between 64 and 2048, got 100"),
+    ("height", 4096, "`height` must be a multiple of 8 between 64 and 2048, got 4096"),  # the UI's limit too
     ("seed", -2, "`seed` must be -1 (random)"),
     ("sampler", "Heun", "`sampler` must be one of"),
     ("loras", (("x", 7.5),), "LoRA `x` weight must be between -4 and 4, got 7.5"),

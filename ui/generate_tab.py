@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from studio.errors import Cancelled, SettingsError
-from studio.request import MAX_SEED, GenerationRequest
+from studio.request import MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_STEP, GenerationRequest
 from studio.samplers import SAMPLERS
 from studio.jobs import StepEvent
 from studio.session import Session
@@ -28,12 +28,30 @@ from ui.errors import engine_call
 from ui.lora_panel import LoraPanel, build_lora_panel
 from ui.lora_sync import Row, rows_from_prompt, stack_of, strip_tags
 from ui.scrub import ScrubForm
+from ui.progress import BatchProgress
 from ui.report_view import summary_line
 from ui.sizes import CUSTOM, preset_for, size_presets
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 16
 GPU = "gpu"  # the one concurrency id of every event that runs the pipeline
+
+
+def side_slider(label: str, native: int, elem_id: str) -> gr.Slider:
+    """A width/height slider that leaves the bounds check to the engine, so a side out of range gets the
+    one message the CLI gives too ("`width` must be a multiple of 8 between 64 and 2048, got 5000")
+    instead of Gradio's own, and its `.change` events see a box being typed into ("5", "50", ...).
+
+    The lenient `preprocess` is set on the instance: a Slider subclass would make Gradio write a
+    `.pyi` stub beside this module every time it is imported (gradio/component_meta.py).
+    """
+    slider = gr.Slider(MIN_SIDE, MAX_SIDE, value=native, step=SIDE_STEP, label=label, elem_id=elem_id)
+
+    def lenient(payload: float | None) -> int | None:
+        return None if payload is None else int(round(float(payload)))
+
+    slider.preprocess = lenient  # type: ignore[method-assign]
+    return slider
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,7 @@ class GenerateTab:
     halt: gr.Button
     stop_note: gr.Markdown
     gallery: gr.Gallery
+    preview: gr.Image  # the live preview while denoising (fed by the app's Timer)
     seeds_note: gr.Markdown
     summary: gr.Markdown
     last_seed: gr.State  # seed of the last run, or of the image picked in the gallery
@@ -115,40 +134,57 @@ def build_generate_tab(session: Session) -> GenerateTab:
             with gr.Row():
                 preset = gr.Dropdown([*presets, CUSTOM], value=preset_for(presets, native, native), label="Size",
                                      elem_id="size-preset")
-                width = gr.Slider(64, 2048, value=native, step=8, label="Width", elem_id="width")
-                height = gr.Slider(64, 2048, value=native, step=8, label="Height", elem_id="height")
+                width = side_slider("Width", native, "width")
+                height = side_slider("Height", native, "height")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 halt = gr.Button("Stop", variant="stop", elem_id="stop")
             stop_note = gr.Markdown(elem_id="stop-note")
             loras = build_lora_panel(session, prompt, ScrubForm(negative, seed, cfg, width, height, sampler))
         with gr.Column(scale=2):
+            preview = gr.Image(label="Live preview", type="pil", interactive=False, visible=False, height=280,
+                               buttons=[], elem_id="live-preview")
             gallery = gr.Gallery(label="Images", columns=2, height=440, type="filepath", format="png",
                                  elem_id="gallery")
             seeds_note = gr.Markdown(elem_id="seeds-note")
             summary = gr.Markdown("Each generation's report appears here and, in full, in the **Report** tab.",
                                   elem_id="summary")
     tab = GenerateTab(prompt, negative, seed, steps, cfg, preset, width, height, sampler, batch_count, run, halt,
-                      stop_note, gallery, seeds_note, summary, gr.State(None), gr.State([]), gr.State(None), loras)
-    _wire_local_controls(tab, dice, recycle, presets)
+                      stop_note, gallery, preview, seeds_note, summary, gr.State(None), gr.State([]), gr.State(None),
+                      loras)
+    _wire_local_controls(session, tab, dice, recycle, presets)
     return tab
 
 
-def _wire_local_controls(tab: GenerateTab, dice: gr.Button, recycle: gr.Button,
+def _wire_local_controls(session: Session, tab: GenerateTab, dice: gr.Button, recycle: gr.Button,
                          presets: dict[str, tuple[int, int]]) -> None:
     """Browser-only helpers: no queue, no API."""
     quick: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
     dice.click(lambda: -1, None, tab.seed, **quick)
-    recycle.click(lambda last: gr.skip() if last is None else last, tab.last_seed, tab.seed, **quick)
+
+    def reuse(last: int | None):
+        """This tab's last seed; on a fresh page, the session's last generation's (it has one)."""
+        if last is None and session.history:
+            last = session.history[-1].request.get("seed")
+        return gr.skip() if last is None else last
+
+    recycle.click(reuse, tab.last_seed, tab.seed, **quick)
 
     def pick_preset(label: str):
         if label not in presets:
             return gr.skip(), gr.skip()
         return presets[label]
 
+    def follow(width: int | None, height: int | None):
+        """The Size menu names what the sliders hold, whichever way they got there (typed, clamped, dragged)."""
+        if width is None or height is None:
+            return gr.skip()
+        return preset_for(presets, width, height)
+
     tab.preset.input(pick_preset, tab.preset, [tab.width, tab.height], **quick)
     for slider in (tab.width, tab.height):
-        slider.input(lambda w, h: preset_for(presets, w, h), [tab.width, tab.height], tab.preset, **quick)
+        # .change, not .input: the number box clamps 5000 to 2048 after its last input event
+        slider.change(follow, [tab.width, tab.height], tab.preset, trigger_mode="always_last", **quick)
 
     def pick_image(reports: list, evt: gr.SelectData):
         if not reports or evt.index is None or evt.index >= len(reports):
@@ -163,12 +199,12 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
                       report_json: gr.File) -> list[gr.Dependency]:
     """Generate (queued on "gpu"), Stop (outside the queue); returns the generate events for `.then`."""
 
-    def generate(prompt: str, negative: str, seed: float | None, steps: float, cfg: float, width: float,
-                 height: float, sampler: str, batch_count: float, ticket: str | None = None,
+    def generate(prompt: str, negative: str, seed: float | None, steps: float, cfg: float, width: float | None,
+                 height: float | None, sampler: str, batch_count: float, ticket: str | None = None,
                  rows: list[Row] | None = None, request: gr.Request = None,
                  progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
         form = GenerateForm.from_ui(prompt, rows, negative=negative or "", seed=-1 if seed is None else int(seed),
-                                    steps=int(steps), cfg=float(cfg), width=int(width), height=int(height),
+                                    steps=int(steps), cfg=float(cfg), width=int(width or 0), height=int(height or 0),
                                     sampler=sampler, batch_count=int(batch_count))
         yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json)
 
@@ -185,6 +221,8 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
     event = clicked.then(generate, inputs, outputs, api_name="generate", **run)
     submitted = tab.prompt.submit(reserve, None, [tab.ticket, tab.stop_note], **first)
     submitted = submitted.then(generate, inputs, outputs, api_visibility="private", **run)
+    for done in (event, submitted):  # the run has ended (stopped or not): "Stop requested" is history
+        done.then(lambda: "", None, tab.stop_note, **first)
 
     def stop(request: gr.Request) -> str:
         """Stop this visitor's jobs; the person at this computer may also stop anyone's running job."""
@@ -212,30 +250,34 @@ def _run_batch(session: Session, server: ServerInfo, form: GenerateForm, owner: 
     with server.jobs.hold(owner, ticket) as token:
         with engine_call():
             requests = form.requests()
-        total_steps = sum(r.steps for r in requests)
         count = len(requests)
+        bar = BatchProgress(progress, [r.steps for r in requests])
         if session.status()["busy"]:
             progress(0, desc="waiting for the running job")
-        for index, request in enumerate(requests):
-            done_before = sum(r.steps for r in requests[:index])
-            label = f"image {index + 1} of {count}: denoising" if count > 1 else "denoising"
 
-            def on_step(event: StepEvent, done_before: int = done_before, label: str = label) -> None:
-                progress((done_before + event.step, total_steps), desc=label, unit="steps")
+        def on_step(event: StepEvent) -> None:
+            bar.step(event)
+            if event.preview is not None:
+                server.previews.post(owner, event.preview, f"Live preview: {bar.where}step {event.step}/{event.total}")
 
-            with engine_call():
-                try:
-                    result = session.generate(request, on_step=on_step, cancel=token)
-                except Cancelled:
-                    stopped = True
-            if stopped:
-                break
-            json_path = Path(result.paths[0]).with_suffix(".json")
-            result.report.write_json(json_path)
-            paths += [str(p) for p in result.paths]
-            reports.append(result.report)
-            jsons.append(str(json_path))
-            yield _outputs(tab, report_json, paths, reports, jsons, f"image {index + 1} of {count} done", False)
+        try:
+            for index, request in enumerate(requests):
+                bar.start_image(index)
+                with engine_call():
+                    try:
+                        result = session.generate(request, on_step=on_step, on_phase=bar.phase, cancel=token)
+                    except Cancelled:
+                        stopped = True
+                if stopped:
+                    break
+                json_path = Path(result.paths[0]).with_suffix(".json")
+                result.report.write_json(json_path)
+                paths += [str(p) for p in result.paths]
+                reports.append(result.report)
+                jsons.append(str(json_path))
+                yield _outputs(tab, report_json, paths, reports, jsons, f"image {index + 1} of {count} done", False)
+        finally:
+            server.previews.end(owner)
     yield _outputs(tab, report_json, paths, reports, jsons, "", stopped, count)
 
 

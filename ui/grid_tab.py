@@ -130,8 +130,7 @@ def build_grid_tab(session: Session) -> GridTab:
 
 
 def _out_dir(session: Session, kind: str) -> Path:
-    root = Path(session.settings.outputs_dir).expanduser() if session.settings.outputs_dir \
-        else session.dirs.default_outputs
+    root = session.outputs_root  # the folder the app serves, so the grid's pictures can be shown
     stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
     while (root / "grids" / f"{stamp}-{kind}-{n}").exists():
         n += 1

@@ -4,7 +4,10 @@ Everything here edits the row's `options` (the canonical `unet=..:lbw=..:start=.
 so the prompt's tag follows (`<lora:name:1:lbw=OUTD:stop=10>`) and Generate sends it as is. The
 block sliders use the extension's SDXL layout, 12 blocks (BASE IN04 IN05 IN07 IN08 MID OUT0-OUT5),
 or its 20-block LyCORIS layout when the row's vector has values in the other 8 blocks. The panel's
-open state is a UI key of the row ("blocks_open"), so a re-render after a slider keeps it open.
+open state is a UI key of the row ("blocks_open"), so a re-draw of the stack keeps it open.
+A block slider, like the row's weight, reacts to `.change` (drag, arrow keys, typing) and writes the
+rows and the tag without re-drawing the stack under the pointer; a preset, the step boxes and the
+scrub box re-draw it (the sliders show the preset's values; a scrubbing row wires its scrub event).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from studio.errors import SettingsError
 from studio.lora.block_weights import BLOCKS_20, LABELS_12, PRESETS, compact, expand, resolve_lbw, vector_text
 from studio.lora.spec import parse_args, parse_number
 from ui.errors import engine_call
-from ui.lora_sync import Row, clean_rows, edit_row, spec_of_row
+from ui.lora_sync import Row, clean_rows, edit_row, prompt_from_rows, spec_of_row
 
 CUSTOM = "custom vector"
 NO_LBW = "— (all blocks)"
@@ -72,11 +75,11 @@ def set_fields(rows: list[Row], name: str, unet: float | None, start: str, stop:
 
 
 def render_blocks(row: Row, tag_id: str, rows: gr.State, prompt: gr.Textbox, presets: Presets,
-                  changed: Callable[[list[Row], str], tuple[list[Row], str]],
-                  wire: Callable[..., None], rows_options: dict[str, Any], quick: dict[str, Any],
-                  lycoris: bool = False) -> gr.Checkbox:
+                  changed: Callable[[list[Row], str], tuple], outs: list, wire: Callable[..., None],
+                  rows_options: dict[str, Any], quick: dict[str, Any], lycoris: bool = False) -> gr.Checkbox:
     """The row's accordion; returns its scrub checkbox. Element ids end in `tag_id` (the row's slug).
-    `lycoris`: the file has layers outside the 12 SDXL LoRA blocks (20 sliders)."""
+    `changed(rows, prompt)` gives the values of `outs` (the rows, the drawing, the prompt...) after an
+    edit that re-draws the stack. `lycoris`: the file has layers outside the 12 SDXL LoRA blocks."""
     name = row["name"]
     spec = spec_of_row(row) if _readable(row) else None
     choice, labels, values = block_view(row, presets(), lycoris) if spec is not None \
@@ -111,27 +114,35 @@ def render_blocks(row: Row, tag_id: str, rows: gr.State, prompt: gr.Textbox, pre
             steps = gr.Number(int(row.get("preview_steps") or DEFAULT_PREVIEW_STEPS), label="preview steps",
                               precision=0, minimum=1, maximum=50, key=f"psteps-{name}", scale=1,
                               elem_id=f"lora-psteps-{tag_id}", **keep)
-    both = [rows, prompt]
-
     def on_preset(value: str, rs: list[Row], text: str):
         if value == CUSTOM:
-            return gr.skip(), gr.skip()
+            return tuple(gr.skip() for _ in outs)
         return changed(with_lbw(rs, name, "" if value == NO_LBW else value), text)
 
     def on_fields(u: float | None, a: str, b: str, rs: list[Row], text: str):
         with engine_call():
             return changed(set_fields(rs, name, u, a, b), text)
 
-    wire(preset.input, "preset", on_preset, [preset, rows, prompt], both, rows_options)
+    def on_block(value: float | None, rs: list[Row], text: str, i: int):
+        """One block from any input path; its own value again (the stack re-drawn) changes nothing."""
+        current = next((r for r in clean_rows(rs) if r["name"] == name), None)
+        if value is None or current is None or not _readable(current) \
+                or round(float(value), 4) == block_view(current, presets(), lycoris)[2][i]:
+            return gr.skip(), gr.skip(), gr.skip()
+        new_rows = set_block(rs, name, i, value, presets(), lycoris)
+        tidy = prompt_from_rows(text, new_rows)
+        return new_rows, (tidy if tidy != text else gr.skip()), gr.Dropdown(value=CUSTOM)
+
+    ins = [rows, prompt]
+    wire(preset.input, "preset", on_preset, [preset, *ins], outs, rows_options)
     for box in (unet, start, stop):
-        wire(box.blur, f"field-{box.label}", on_fields, [unet, start, stop, rows, prompt], both, rows_options)
-        wire(box.submit, f"submit-{box.label}", on_fields, [unet, start, stop, rows, prompt], both, rows_options)
+        wire(box.blur, f"field-{box.label}", on_fields, [unet, start, stop, *ins], outs, rows_options)
+        wire(box.submit, f"submit-{box.label}", on_fields, [unet, start, stop, *ins], outs, rows_options)
     for i, slider in enumerate(sliders):
-        wire(slider.release, f"block{i}",
-             lambda v, rs, text, i=i: changed(set_block(rs, name, i, v, presets(), lycoris), text),
-             [slider, rows, prompt], both, rows_options)
-    wire(scrub.input, "scrub-on", lambda on, rs: edit_row(rs, name, scrub=bool(on)), [scrub, rows], [rows],
-         rows_options)
+        wire(slider.change, f"block{i}", lambda v, rs, text, i=i: on_block(v, rs, text, i), [slider, *ins],
+             [rows, prompt, preset], {**rows_options, "trigger_mode": "always_last"})
+    wire(scrub.input, "scrub-on", lambda on, rs, text: changed(edit_row(rs, name, scrub=bool(on)), text),
+         [scrub, *ins], outs, rows_options)
     wire(steps.blur, "psteps", lambda n, rs: edit_row(rs, name, preview_steps=_steps(n)), [steps, rows], [rows],
          rows_options)
     wire(panel.expand, "open", lambda rs: _open(rs, name, True), [rows], [rows], quick)

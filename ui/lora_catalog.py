@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +59,9 @@ class CatalogEntry:
         return self.reason is None
 
     def caption(self) -> str:
-        head = f"{self.name} · {self.badge}"
-        return head if self.reason is None else f"⚠ {head}: {self.reason}"
+        """Short enough to read whole under a tile; the reason itself is in the note below the browser."""
+        head = f"{breakable(self.name)} · {self.badge}"
+        return head if self.reason is None else f"⚠ {head} · can't be used"
 
     def matches(self, query: str) -> bool:
         """Every word of the query appears in the name, the title or a trigger word (any case)."""
@@ -169,17 +171,65 @@ class LoraCatalog:
 
     def placeholder(self, text: str) -> Path:
         """A plain tile with the name, for files without any picture (a gallery needs an image)."""
-        digest = hashlib.sha1(f"v2\0{text}".encode()).hexdigest()[:16]  # v2: bump when the drawing changes
+        digest = hashlib.sha1(f"v3\0{text}".encode()).hexdigest()[:16]  # v3: bump when the drawing changes
         target = self.thumbnails / f"placeholder-{digest}.png"
         if not target.exists():
             tile = Image.new("RGB", (THUMB_SIDE, THUMB_SIDE), (60, 64, 72))
             draw = ImageDraw.Draw(tile)
             font = ImageFont.load_default(size=26)
-            lines = [text[i:i + 14] for i in range(0, min(len(text), 56), 14)]
-            for row, line in enumerate(lines):
-                draw.text((18, 80 + 32 * row), line, fill=(230, 230, 235), font=font)
+            for row, line in enumerate(wrap_name(text, 14)[:5]):
+                draw.text((18, 56 + 32 * row), line, fill=(230, 230, 235), font=font)
             _write_png(tile, target)
         return target
+
+    def unusable_tile(self, entry: CatalogEntry) -> Path:
+        """The entry's picture greyed and darkened under a red "can't use" band: it must not look addable.
+
+        (A gallery item cannot carry a CSS class of its own, so the look is in the image.)
+        """
+        source = entry.thumbnail or self.placeholder(entry.name)
+        stat = source.stat()
+        digest = hashlib.sha1(f"unusable-v1\0{source}\0{stat.st_mtime_ns}\0{entry.badge}".encode()).hexdigest()[:16]
+        target = self.thumbnails / f"unusable-{digest}.png"
+        if not target.exists():
+            with Image.open(source) as img:
+                grey = img.convert("L").point(lambda v: 40 + v * 0.35).convert("RGB")
+            grey = grey.resize((THUMB_SIDE, THUMB_SIDE))
+            draw = ImageDraw.Draw(grey)
+            middle = THUMB_SIDE * 3 // 5  # below the first lines of a name tile
+            band = (0, middle - 34, THUMB_SIDE, middle + 34)
+            draw.rectangle(band, fill=(150, 28, 28))
+            font = ImageFont.load_default(size=24)
+            for row, line in enumerate(("CAN'T BE USED", f"{entry.badge}, not SDXL" if entry.base_model not in
+                                        ("unreadable",) else "unreadable file")):
+                width = draw.textlength(line, font=font)
+                draw.text(((THUMB_SIDE - width) / 2, band[1] + 6 + 30 * row), line, fill=(255, 255, 255), font=font)
+            _write_png(grey, target)
+        return target
+
+
+def wrap_name(name: str, width: int) -> list[str]:
+    """Lines of at most about `width` characters, broken after separators (- _ . space), never inside a word
+    unless a single word is longer than a whole line."""
+    parts = re.findall(r"[^-_. ]+[-_. ]*|[-_. ]+", name)
+    lines: list[str] = []
+    line = ""
+    for part in parts:
+        if line and len(line) + len(part.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        while len(part) > width:  # one word longer than a line: it has to be cut somewhere
+            lines.append(part[:width])
+            part = part[width:]
+        line += part
+    if line.strip():
+        lines.append(line.rstrip())
+    return lines
+
+
+def breakable(name: str) -> str:
+    """The name with a zero-width space after each _ and . so a caption wraps there, not mid-word."""
+    return re.sub(r"([_.])", "\\1\u200b", name)
 
 
 def _sidecars(lora: Path) -> Iterable[Path]:

@@ -10,11 +10,18 @@
 - Each row has a collapsed panel (ui/lora_blocks.py): block weights (presets or per-block
   sliders), UNet weight, start=/stop=, and the opt-in live weight scrub (ui/scrub.py).
 Every event here is browser-only (out of the API); those that write the rows are queued (see ROWS).
+
+What the screen shows is what runs, however a weight is changed: a slider's `.change` fires for
+a drag, the arrow keys, typing in its number box and its reset button alike (`.release` missed the
+keyboard, so a weight moved with the arrows never reached the rows). Weight edits write `rows`
+only; the stack is drawn from `layout`, which changes with the rows' structure (add, remove,
+reorder, enable, a prompt edit), so a drag is never re-drawn under the pointer.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +55,17 @@ class LoraPanel:
     browser: gr.Gallery
     note: gr.Markdown
     rows: gr.State  # list[Row]: the stack, the single source of truth
+    layout: gr.State  # drawn(rows): written with `rows` by every edit but a weight's
     shown: gr.State  # names in the browser, in gallery order (a click gives an index)
+    action: gr.Markdown  # what the last click in the browser did; cleared by the next edit
     scrub_image: gr.Image | None = None  # the live scrub's picture and its latency note
     scrub_note: gr.Markdown | None = None
+
+
+def drawn(rows: list[Row]) -> dict[str, Any]:
+    """The `layout` value that draws `rows`: always a new value, so the stack is re-drawn even when the
+    rows equal the last drawing (a slider moved off 1 and a typed tag putting it back to 1)."""
+    return {"rows": clean_rows(rows), "drawn": time.monotonic_ns()}
 
 
 def slug(name: str) -> str:
@@ -69,7 +84,7 @@ def lookup(catalog: LoraCatalog, name: str) -> CatalogEntry | None:
 def browser_view(catalog: LoraCatalog, query: str) -> tuple[list[tuple[str, str]], list[str], str]:
     """Gallery items (thumbnail, caption), their names, and the note under the gallery."""
     entries = catalog.entries(query or "")
-    items = [(str(e.thumbnail or catalog.placeholder(e.name)), e.caption()) for e in entries]
+    items = [(str(tile(catalog, e)), e.caption()) for e in entries]
     everything = catalog.entries()
     usable = sum(e.compatible for e in everything)
     if not everything:
@@ -81,6 +96,13 @@ def browser_view(catalog: LoraCatalog, query: str) -> tuple[list[tuple[str, str]
     bad = [e for e in entries if not e.compatible]
     lines = [head] + [f"- ⚠ **{e.name}** can't be used: {e.reason}" for e in bad]
     return items, [e.name for e in entries], "\n".join(lines)
+
+
+def tile(catalog: LoraCatalog, entry: CatalogEntry):
+    """The tile's picture: its thumbnail (or a name tile), greyed under a band when it can't be used."""
+    if not entry.compatible:
+        return catalog.unusable_tile(entry)
+    return entry.thumbnail or catalog.placeholder(entry.name)
 
 
 def gallery_height(count: int) -> int:
@@ -95,8 +117,15 @@ def add_from_browser(catalog: LoraCatalog, rows: list[Row], prompt: str, name: s
         return clean_rows(rows), prompt, f"⚠ **{name}** is no longer in the LoRA folders (⟳ Refresh)."
     if not entry.compatible:
         return clean_rows(rows), prompt, f"⚠ **{entry.name}** can't be added: {entry.reason}"
+    before = next((r for r in clean_rows(rows) if r["name"] == entry.name), None)
     rows = add_row(rows, entry.name)
-    return rows, prompt_from_rows(prompt, rows), f"Added **{entry.name}** to the stack."
+    if before is None:
+        note = f"Added **{entry.name}** to the stack."
+    elif before["enabled"]:
+        note = f"**{entry.name}** is already in the stack (weight {before['weight']:g}); nothing changed."
+    else:
+        note = f"**{entry.name}** was in the stack switched off: switched it back on."
+    return rows, prompt_from_rows(prompt, rows), note
 
 
 def row_label(catalog: LoraCatalog, row: Row) -> tuple[str, str]:
@@ -126,7 +155,9 @@ def build_lora_panel(session: Session, prompt: gr.Textbox, form: ScrubForm | Non
                              object_fit="cover", fit_columns=False, interactive=False, buttons=[],
                              elem_id="lora-browser")
         note = gr.Markdown(elem_id="lora-note")
+        action = gr.Markdown(elem_id="lora-action")
         rows = gr.State([])
+        layout = gr.State(drawn([]))
         shown = gr.State([])
         gr.Markdown("**Stack** (the prompt's `<lora:name:weight>` tags follow these rows, and the other way round)",
                     elem_id="lora-stack-title")
@@ -136,22 +167,22 @@ def build_lora_panel(session: Session, prompt: gr.Textbox, form: ScrubForm | Non
                                elem_id="lora-scrub-image") if scrubber is not None else None
         scrub = (scrubber, form, scrub_image, scrub_note) if scrubber is not None else None
 
-        @gr.render(inputs=[rows], queue=False, show_progress="hidden")
-        def stack(current: list[Row]) -> None:
-            current = clean_rows(current)
+        @gr.render(inputs=[layout], queue=False, show_progress="hidden")
+        def stack(current: dict[str, Any]) -> None:
+            current = clean_rows((current or {}).get("rows"))
             if not current:
                 gr.Markdown("No LoRAs in the stack: pick one above, or type `<lora:name:1>` in the prompt.",
                             elem_id="lora-stack-empty", key="empty")
             for row in current:
-                _render_row(catalog, row, rows, prompt, session, scrub)
+                _render_row(catalog, row, rows, layout, prompt, action, session, scrub)
 
-    panel = LoraPanel(catalog, search, refresh, browser, note, rows, shown, scrub_image, scrub_note)
+    panel = LoraPanel(catalog, search, refresh, browser, note, rows, layout, shown, action, scrub_image, scrub_note)
     _wire_browser(panel, session, prompt)
     return panel
 
 
-def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textbox, session: Session,
-                scrub: tuple | None) -> None:
+def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, layout: gr.State, prompt: gr.Textbox,
+                action: gr.Markdown, session: Session, scrub: tuple | None) -> None:
     name, tag_id = row["name"], slug(row["name"])
     label, info = row_label(catalog, row)
     entry = lookup(catalog, name)
@@ -178,28 +209,35 @@ def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textb
                          for i, word in enumerate(words)]
         # LoCon/LyCORIS files have conv layers in the 8 blocks the 12-block SDXL layout leaves out
         lycoris = entry is not None and entry.format not in ("kohya", "peft", "dora", "")
-        advanced = (lambda: render_blocks(row, tag_id, rows, prompt, session.lbw_presets, changed, wire, ROWS, QUICK,
-                                          lycoris))
 
     def wire(listener, kind: str, fn, inputs: list, outputs: list, options: dict[str, Any]) -> None:
         listener(fn, inputs, outputs, key=f"{kind}-{name}", **options)  # keyed: the same event across re-renders
 
-    def changed(new_rows: list[Row], text: str) -> tuple[list[Row], str]:
-        return new_rows, prompt_from_rows(text, new_rows)
+    def changed(new_rows: list[Row], text: str) -> tuple[list[Row], dict[str, Any], str, str]:
+        return new_rows, drawn(new_rows), prompt_from_rows(text, new_rows), ""
 
-    both = [rows, prompt]
+    def weighed(value: float | None, current: list[Row], text: str) -> tuple[Any, Any, Any]:
+        """A weight from any input path; the same value again (the stack re-drawn) changes nothing."""
+        if value is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        new_rows = edit_row(current, name, weight=round(float(value), 4))
+        if new_rows == clean_rows(current):
+            return gr.skip(), gr.skip(), gr.skip()
+        tidy = prompt_from_rows(text, new_rows)
+        return new_rows, (tidy if tidy != text else gr.skip()), ""
+
+    ins, outs = [rows, prompt], [rows, layout, prompt, action]
     wire(enabled.input, "enable", lambda on, rs, text: changed(edit_row(rs, name, enabled=bool(on)), text),
-         [enabled, rows, prompt], both, ROWS)
-    # release: at the end of a drag, or when the number box loses focus (not once per pixel)
-    wire(weight.release, "weight", lambda w, rs, text: changed(edit_row(rs, name, weight=round(float(w), 4)), text),
-         [weight, rows, prompt], both, ROWS)
-    wire(up.click, "up", lambda rs, text: changed(move_row(rs, name, -1), text), both, both, ROWS)
-    wire(down.click, "down", lambda rs, text: changed(move_row(rs, name, +1), text), both, both, ROWS)
-    wire(drop.click, "remove", lambda rs, text: changed(remove_row(rs, name), text), both, both, ROWS)
+         [enabled, *ins], outs, ROWS)
+    wire(weight.change, "weight", weighed, [weight, *ins], [rows, prompt, action],
+         {**ROWS, "trigger_mode": "always_last"})
+    wire(up.click, "up", lambda rs, text: changed(move_row(rs, name, -1), text), ins, outs, ROWS)
+    wire(down.click, "down", lambda rs, text: changed(move_row(rs, name, +1), text), ins, outs, ROWS)
+    wire(drop.click, "remove", lambda rs, text: changed(remove_row(rs, name), text), ins, outs, ROWS)
     for i, (chip, word) in enumerate(zip(chips, words)):
         wire(chip.click, f"chip{i}", lambda text, w=word: add_word(text, w), [prompt], [prompt], QUICK)
     with gr.Group(elem_classes="lora-row-adv", key=f"adv-group-{name}"):
-        advanced()
+        render_blocks(row, tag_id, rows, prompt, session.lbw_presets, changed, outs, wire, ROWS, QUICK, lycoris)
     if scrub is not None and row.get("scrub"):
         scrubber, form, image, note = scrub
 
@@ -212,6 +250,7 @@ def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, prompt: gr.Textb
                 return gr.skip(), gr.skip()
             return gr.Image(value=picture, visible=True), line
 
+        # .input: the user's own moves only (a re-draw setting the value must not start a job)
         wire(weight.input, "scrub", scrub_step, [weight, rows, prompt, *form.inputs()], [image, note], SCRUB_EVENT)
 
 
@@ -231,17 +270,21 @@ def _wire_browser(panel: LoraPanel, session: Session, prompt: gr.Textbox) -> Non
     panel.search.change(show, panel.search, view, **QUICK)
     gr.on(triggers=None, fn=lambda: rescan(""), inputs=[], outputs=view, **QUICK)  # on page load
 
-    def pick(rows: list[Row], text: str, names: list[str], evt: gr.SelectData) -> tuple[Any, Any, str]:
+    def pick(rows: list[Row], text: str, names: list[str], evt: gr.SelectData) -> tuple[Any, Any, Any, str]:
         if evt.index is None or not 0 <= evt.index < len(names or []):
-            return gr.skip(), gr.skip(), gr.skip()
-        return add_from_browser(catalog, rows, text, names[evt.index])
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        new_rows, new_prompt, note = add_from_browser(catalog, rows, text, names[evt.index])
+        return new_rows, drawn(new_rows), new_prompt, note
 
-    panel.browser.select(pick, [panel.rows, prompt, panel.shown], [panel.rows, prompt, panel.note], **ROWS)
+    panel.browser.select(pick, [panel.rows, prompt, panel.shown], [panel.rows, panel.layout, prompt, panel.action],
+                         **ROWS)
 
-    def from_prompt(text: str, rows: list[Row]) -> tuple[Any, Any]:
+    def from_prompt(text: str, rows: list[Row]) -> tuple[Any, Any, Any, Any]:
         """A hand edit of the prompt: tags become rows; the prompt is tidied only if that changes it."""
         new_rows = rows_from_prompt(text, rows)
         tidy = prompt_from_rows(text, new_rows)
-        return (new_rows if new_rows != clean_rows(rows) else gr.skip()), (tidy if tidy != text else gr.skip())
+        if new_rows == clean_rows(rows):
+            return gr.skip(), gr.skip(), (tidy if tidy != text else gr.skip()), gr.skip()
+        return new_rows, drawn(new_rows), (tidy if tidy != text else gr.skip()), ""
 
-    prompt.blur(from_prompt, [prompt, panel.rows], [panel.rows, prompt], **ROWS)
+    prompt.blur(from_prompt, [prompt, panel.rows], [panel.rows, panel.layout, prompt, panel.action], **ROWS)

@@ -17,11 +17,11 @@ from studio.settings import SETTING_INFO, Applies, SettingInfo, Settings, field_
 APPLIES_BADGE = {Applies.NOW: "⚡ applies now", Applies.MODEL_RELOAD: "⟳ applies when the model reloads",
                  Applies.RESTART: "⚙ needs a restart"}
 SECTIONS: dict[str, tuple[str, ...]] = {
-    "Model and files": ("model", "device", "precision", "outputs_dir"),
+    "Model and files": ("model", "vae", "model_dirs", "device", "precision", "outputs_dir"),
     "LoRAs": ("lora_dirs", "lora_mode", "unpatch_lora_by_vram_offload", "lora_cache_mb", "lbw_presets"),
     "Memory": ("memory_mode", "stream_lookahead", "fp8_storage", "ram_limit_mb", "vram_limit_mb",
                "working_memory_mb"),
-    "Generation defaults": ("default_steps", "default_cfg"),
+    "Generation defaults": ("default_steps", "default_cfg", "live_preview"),
     "Server and public link": ("port", "share", "auth_user", "auth_password"),
 }
 SECRET_FIELDS = frozenset({"auth_password"})
@@ -47,12 +47,28 @@ def _editable(default: Any) -> bool:
     return isinstance(default, (StrEnum, bool, int, float, str, tuple))
 
 
+def widget_info(name: str, running: str | None = None) -> str:
+    """The help line under a field: when a change applies, what it does, and the running value when the
+    app runs with another one than the file holds (a command-line flag, a change waiting for a restart)."""
+    info = info_for(name)
+    note = f"{APPLIES_BADGE[info.applies]}" + (f" · {info.help}" if info.help else "")
+    return note + (f" · running now: {running}" if running is not None else "")
+
+
+def describe_value(name: str, value: Any, local: bool = True) -> str:
+    """A value in words: on/off for switches, "(empty)" for nothing, secrets masked for visitors."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = shown(name, to_widget(value), local)
+    return str(text).replace("\n", ", ") if text not in ("", None) else "(empty)"
+
+
 def make_widget(name: str) -> gr.components.Component:
     """The widget for one field, labelled from SETTING_INFO with when a change applies."""
     info = info_for(name)
     default = getattr(Settings(), name)
-    note = f"{APPLIES_BADGE[info.applies]}" + (f" · {info.help}" if info.help else "")
-    common: dict[str, Any] = {"label": info.label, "info": note, "elem_id": f"pref-{name}", "value": to_widget(default)}
+    common: dict[str, Any] = {"label": info.label, "info": widget_info(name), "elem_id": f"pref-{name}",
+                              "value": to_widget(default)}
     if isinstance(default, StrEnum):
         return gr.Dropdown([m.value for m in type(default)], **common)
     if isinstance(default, bool):

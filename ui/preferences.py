@@ -4,13 +4,19 @@ The panel edits the settings file, not the running session: it loads what is sav
 (so values survive restarts), Save checks the whole set with Settings.replace before
 anything is written, applies the changed fields that take effect without a restart to
 the session, then writes the file atomically. Fields that need a restart stay at their
-running values until then. Only the person at this computer may change anything
-(ui/access.py); through the public link the panel is read-only.
+running values until then, and their help line says what runs now. Only the person at
+this computer may change anything (ui/access.py); through the public link the panel is
+read-only.
+
+How refusals are shown: every bad value at its own control, in the words of its label
+(ui/pref_checks.py), and once more in the result line; nothing vanishes with a toast.
+Reset to defaults asks first, listing what it would change.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
@@ -20,7 +26,9 @@ from studio.session import Session
 from studio.settings import Applies, Settings, field_names, load_settings, save_settings, to_dict
 from ui.access import ServerInfo, is_local
 from ui.errors import engine_call
-from ui.pref_fields import APPLIES_BADGE, from_widget, info_for, make_widget, sections, shown, to_widget
+from ui.pref_checks import check_folders, problems, refusal
+from ui.pref_fields import (APPLIES_BADGE, describe_value, from_widget, info_for, make_widget, sections, shown,
+                            to_widget, widget_info)
 from ui.report_view import render_unpatch_costs
 
 READ_ONLY_NOTE = ("🔒 **Read-only through the public link.** Preferences can be changed only on the computer "
@@ -30,11 +38,25 @@ READ_ONLY_NOTE = ("🔒 **Read-only through the public link.** Preferences can b
 @dataclass
 class PreferencesPanel:
     widgets: dict[str, gr.components.Component]  # field name -> widget
+    errors: dict[str, gr.Markdown]  # field name -> what is wrong with its value (hidden when nothing)
     note: gr.Markdown  # "loaded from …": also the marker that the page load has finished
     unpatch_costs: gr.Markdown
     save: gr.Button
     reset: gr.Button
     result: gr.Markdown
+    confirm: gr.Column  # "Reset every preference?" with Yes / Cancel
+    confirm_text: gr.Markdown
+    confirm_yes: gr.Button
+    confirm_no: gr.Button
+
+
+@dataclass
+class Followers:
+    """What else on the page shows a setting, refreshed when a save changes it."""
+
+    by_field: dict[str, gr.components.Component] = field(default_factory=dict)  # e.g. default_steps -> Steps
+    header: gr.Markdown | None = None  # the model line (device/precision)
+    header_text: Callable[[], str] = lambda: ""
 
 
 @dataclass(frozen=True)
@@ -48,7 +70,7 @@ class Change:
         return info_for(self.name).applies
 
     def describe(self) -> str:
-        old, new = (shown(self.name, to_widget(v), False) or "(empty)" for v in (self.old, self.new))
+        old, new = (describe_value(self.name, v, False) for v in (self.old, self.new))
         return f"**{info_for(self.name).label}**: {old} → {new} ({APPLIES_BADGE[self.applies]})"
 
 
@@ -83,13 +105,22 @@ def save_changes(session: Session, server: ServerInfo, changes: dict[str, Any],
         unknown = sorted(set(changes) - set(field_names()))
         if unknown:
             raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
-        return commit(session, saved_settings(session).replace(**changes))
+        saved = saved_settings(session)
+        check_folders({n: v for n, v in changes.items() if v != to_widget_plain(saved, n)})
+        return commit(session, saved.replace(**changes))
 
 
 def reset_to_defaults(session: Session, server: ServerInfo, request: gr.Request | None) -> list[Change]:
     _require_local(server, request)
     with engine_call():
         return commit(session, Settings(extra=saved_settings(session).extra))
+
+
+def pending_reset(session: Session) -> list[Change]:
+    """What Reset to defaults would change (nothing is written)."""
+    saved = saved_settings(session)
+    return [Change(n, getattr(saved, n), getattr(Settings(), n)) for n in field_names()
+            if getattr(saved, n) != getattr(Settings(), n)]
 
 
 def _require_local(server: ServerInfo, request: gr.Request | None) -> None:
@@ -109,10 +140,16 @@ def report_changes(changes: list[Change], verb: str) -> str:
     return "\n".join(lines)
 
 
-def running_differences(session: Session, saved: Settings) -> str:
+def running_values(session: Session, server: ServerInfo) -> dict[str, Any]:
+    """What the running app uses: its settings, and the public link as it was started (`--share`)."""
+    return {**{n: getattr(session.settings, n) for n in field_names()}, "share": server.credentials is not None}
+
+
+def running_differences(session: Session, server: ServerInfo, saved: Settings) -> str:
     """Fields the running session uses with another value than the file (command line, pending restart)."""
-    diffs = [f"{info_for(n).label} = {shown(n, to_widget(getattr(session.settings, n)), False) or '(empty)'}"
-             for n in field_names() if getattr(session.settings, n) != getattr(saved, n)]
+    running = running_values(session, server)
+    diffs = [f"{info_for(n).label} = {describe_value(n, running[n])}" for n in field_names()
+             if running[n] != getattr(saved, n)]
     return ("Running now with: " + "; ".join(diffs) + " (from the command line, or saved but waiting for a "
             "restart).") if diffs else ""
 
@@ -123,8 +160,14 @@ def build_preferences(session: Session) -> PreferencesPanel:
     with gr.Row():
         save = gr.Button("Save", variant="primary", elem_id="prefs-save")
         reset = gr.Button("Reset to defaults", elem_id="prefs-reset")
+    with gr.Column(visible=False, variant="panel", elem_id="prefs-confirm") as confirm:  # a Group doubles its id
+        confirm_text = gr.Markdown(elem_id="prefs-confirm-text")
+        with gr.Row():
+            confirm_yes = gr.Button("Yes, reset them", variant="stop", elem_id="prefs-confirm-yes")
+            confirm_no = gr.Button("Cancel", elem_id="prefs-confirm-no")
     result = gr.Markdown(elem_id="prefs-result")
     widgets: dict[str, gr.components.Component] = {}
+    errors: dict[str, gr.Markdown] = {}
     unpatch_costs = None
     for title, names in sections().items():
         with gr.Accordion(title, open=True):
@@ -133,22 +176,29 @@ def build_preferences(session: Session) -> PreferencesPanel:
                     for name in pair:
                         with gr.Column(min_width=320):
                             widgets[name] = make_widget(name)
+                            errors[name] = gr.Markdown(visible=False, elem_id=f"pref-error-{name}",
+                                                       elem_classes="pref-error")
                             if name == "unpatch_lora_by_vram_offload":
                                 unpatch_costs = gr.Markdown(render_unpatch_costs(session.history),
                                                             elem_id="unpatch-costs")
     if unpatch_costs is None:  # the field moved or went away: keep the readout anyway
         unpatch_costs = gr.Markdown(render_unpatch_costs(session.history), elem_id="unpatch-costs")
-    return PreferencesPanel(widgets, note, unpatch_costs, save, reset, result)
+    return PreferencesPanel(widgets, errors, note, unpatch_costs, save, reset, result, confirm, confirm_text,
+                            confirm_yes, confirm_no)
 
 
 def panel_values(panel: PreferencesPanel, session: Session, server: ServerInfo, request: gr.Request | None) -> dict:
     """Every widget from the settings file; read-only for remote visitors. Used on page load and after Save."""
     local = is_local(request, server)
     saved = saved_settings(session)
-    out: dict = {widget: gr.update(value=shown(name, to_widget(getattr(saved, name)), local), interactive=local)
-                 for name, widget in panel.widgets.items()}
+    running = running_values(session, server)
+    out: dict = {}
+    for name, widget in panel.widgets.items():
+        now = describe_value(name, running[name], local) if running[name] != getattr(saved, name) else None
+        out[widget] = gr.update(value=shown(name, to_widget(getattr(saved, name)), local), interactive=local,
+                                info=widget_info(name, now))
     where = f"Loaded from `{session.dirs.settings_file}`." if local else READ_ONLY_NOTE
-    extra = running_differences(session, saved) if local else ""
+    extra = running_differences(session, server, saved) if local else ""
     out[panel.note] = where + (f"\n\n{extra}" if extra else "")
     out[panel.unpatch_costs] = render_unpatch_costs(list(session.history))
     out[panel.save] = gr.update(interactive=local)
@@ -156,24 +206,64 @@ def panel_values(panel: PreferencesPanel, session: Session, server: ServerInfo, 
     return out
 
 
-def wire_preferences(panel: PreferencesPanel, session: Session, server: ServerInfo) -> None:
-    outputs = [*panel.widgets.values(), panel.note, panel.unpatch_costs, panel.save, panel.reset, panel.result]
+def _errors_shown(panel: PreferencesPanel, found: dict[str, str]) -> dict:
+    return {box: gr.update(value=found.get(name, ""), visible=name in found) for name, box in panel.errors.items()}
+
+
+def wire_preferences(panel: PreferencesPanel, session: Session, server: ServerInfo,
+                     followers: Followers | None = None) -> None:
+    followers = followers or Followers()
+    follow_outputs = [*followers.by_field.values(), *([followers.header] if followers.header else [])]
+    outputs = [*panel.widgets.values(), *panel.errors.values(), panel.note, panel.unpatch_costs, panel.save,
+               panel.reset, panel.result, panel.confirm, *follow_outputs]
     by_widget = {widget: name for name, widget in panel.widgets.items()}
 
+    def followed(changes: list[Change]) -> dict:
+        """The Generate tab's defaults and the header show what was just applied, without a reload."""
+        out: dict = {widget: (getattr(session.settings, name) if any(c.name == name for c in changes)
+                              else gr.skip()) for name, widget in followers.by_field.items()}
+        if followers.header is not None:
+            out[followers.header] = followers.header_text()
+        return out
+
+    def after(changes: list[Change], verb: str, request: gr.Request) -> dict:
+        return {**panel_values(panel, session, server, request), **_errors_shown(panel, {}),
+                panel.result: report_changes(changes, verb), panel.confirm: gr.update(visible=False),
+                **followed(changes)}
+
     def save_panel(values: dict, request: gr.Request) -> dict:
+        _require_local(server, request)
         changes = {by_widget[w]: from_widget(by_widget[w], v) for w, v in values.items() if w in by_widget}
-        done = save_changes(session, server, changes, request)
-        return {**panel_values(panel, session, server, request), panel.result: report_changes(done, "Saved")}
+        saved = saved_settings(session)
+        changed = {n: v for n, v in changes.items() if v != to_widget_plain(saved, n)}
+        found = problems(saved, changed)
+        if found:
+            return {**{c: gr.skip() for c in outputs}, **_errors_shown(panel, found), panel.result: refusal(found)}
+        return after(save_changes(session, server, changed, request), "Saved", request)
+
+    def ask_reset(request: gr.Request) -> dict:
+        _require_local(server, request)
+        pending = pending_reset(session)
+        if not pending:
+            return {c: gr.skip() for c in outputs} | {panel.result: "Reset: every preference is already at its "
+                                                                     "default; nothing to do."}
+        text = (f"**Reset {len(pending)} preference{'s' if len(pending) != 1 else ''} to the defaults?** "
+                "This is what would change:\n\n" + "\n".join(f"- {c.describe()}" for c in pending))
+        return {c: gr.skip() for c in outputs} | {panel.confirm: gr.update(visible=True), panel.confirm_text: text}
 
     def reset_panel(request: gr.Request) -> dict:
-        changes = reset_to_defaults(session, server, request)
-        return {**panel_values(panel, session, server, request), panel.result: report_changes(changes, "Reset")}
+        return after(reset_to_defaults(session, server, request), "Reset", request)
 
     # queued (not queue=False): applying waits for a running generation, and the queue shows that it waits
-    panel.save.click(save_panel, set(panel.widgets.values()), outputs, api_visibility="private",
-                     concurrency_id="preferences", show_progress_on=[panel.result])
-    panel.reset.click(reset_panel, None, outputs, api_visibility="private", concurrency_id="preferences",
-                      show_progress_on=[panel.result])
+    queued: dict[str, Any] = {"api_visibility": "private", "concurrency_id": "preferences",
+                              "show_progress_on": [panel.result]}
+    panel.save.click(save_panel, set(panel.widgets.values()), outputs, **queued)
+    panel.reset.click(ask_reset, None, [*outputs, panel.confirm_text], api_visibility="private", queue=False,
+                      show_progress="hidden")
+    panel.confirm_yes.click(reset_panel, None, outputs, **queued)
+    panel.confirm_no.click(lambda: (gr.update(visible=False), "Reset cancelled: nothing changed."), None,
+                           [panel.confirm, panel.result], api_visibility="private", queue=False,
+                           show_progress="hidden")
 
     def save_preferences(changes: dict, request: gr.Request) -> dict:
         """Change settings by name, e.g. {"default_steps": 30}; invalid values are refused and nothing is saved."""
@@ -197,3 +287,8 @@ def wire_preferences(panel: PreferencesPanel, session: Session, server: ServerIn
     gr.api(save_preferences, api_name="save_preferences", concurrency_id="preferences")
     gr.api(reset_preferences, api_name="reset_preferences", concurrency_id="preferences")
     gr.api(preferences, api_name="preferences", queue=False)
+
+
+def to_widget_plain(saved: Settings, name: str) -> Any:
+    """The saved value in the form `from_widget` gives (lists for folder lists, plain values otherwise)."""
+    return from_widget(name, to_widget(getattr(saved, name)))

@@ -1,19 +1,23 @@
-"""The Report tab: the last generation as a table, its JSON, charts over the session, live memory.
+"""The Report tab: the last generation as a table, its JSON, charts over the recent runs, live memory.
 
-The charts read `session.history` (every generation of this session, any tab); the
-table shows this tab's last run. The live readout is fed by the app's gr.Timer with
-`session.status()`, which is cheap (a process RSS read, and CUDA counters on a GPU).
+The charts read `session.history` (the last reports of any tab, kept on disk so a restart
+keeps them, studio/history.py); the table and the JSON files show this tab's last run, or
+after a reload the session's last one (both: the table and its JSON always name the same
+generation). The live readout is fed by the app's gr.Timer with `session.status()`, which
+is cheap (a process RSS read, and CUDA counters on a GPU).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
 from studio.report import Report
 from studio.session import Session
-from ui.report_view import memory_axis, memory_frame, phase_frame, render_report
+from ui.charts import memory_chart, phase_chart
+from ui.report_view import HISTORY_SHOWN, PHASE_LABELS, render_report
 
 _MB = 1024 * 1024
 EMPTY_TABLE = "No generation yet: generate an image and its report appears here."
@@ -24,8 +28,19 @@ class ReportPanel:
     table: gr.Markdown
     json_files: gr.File
     live_memory: gr.Markdown
-    phase_plot: gr.BarPlot
-    memory_plot: gr.LinePlot
+    phase_plot: gr.HTML
+    memory_plot: gr.HTML
+
+
+def json_paths(reports: list[Report]) -> list[str]:
+    """The report JSON beside each report's PNG, where it is on disk."""
+    found = []
+    for report in reports:
+        for output in report.outputs:
+            path = Path(output).with_suffix(".json")
+            if path.is_file():
+                found.append(str(path))
+    return found
 
 
 def build_report_panel(session: Session) -> ReportPanel:
@@ -37,20 +52,16 @@ def build_report_panel(session: Session) -> ReportPanel:
             table = gr.Markdown(render_report(history[-1]) if history else EMPTY_TABLE, elem_id="report-table")
         with gr.Column(scale=2):
             live_memory = gr.Markdown(live_memory_text(session.status()), elem_id="live-memory")
-            json_files = gr.File(label="Report JSON (saved next to each PNG)", file_count="multiple",
-                                 interactive=False, elem_id="report-json")
-    gr.Markdown("### This session")
-    # one chart a row: side by side, the legend of nine phases was cut off after "VAE decode"
-    phase_plot = gr.BarPlot(phase_frame(history), x="generation", y="seconds", color="phase",
-                            title="Time per phase", y_title="seconds", height=300, elem_id="phase-plot")
-    memory = memory_frame(history)
-    memory_plot = gr.LinePlot(memory, x="generation", y="MB", color="measure", title="Peak memory per generation",
-                              y_title="MB", y_lim=memory_axis(memory), height=260, elem_id="memory-plot")
+            json_files = gr.File(value=json_paths(history[-1:]) or None, label="Report JSON (saved next to each PNG)",
+                                 file_count="multiple", interactive=False, elem_id="report-json")
+    gr.Markdown(f"### Recent generations (the last {HISTORY_SHOWN}, kept across restarts)")
+    phase_plot = gr.HTML(phase_chart(history, PHASE_LABELS), elem_id="phase-plot")
+    memory_plot = gr.HTML(memory_chart(history), elem_id="memory-plot")
     return ReportPanel(table, json_files, live_memory, phase_plot, memory_plot)
 
 
 def refresh_report_panel(panel: ReportPanel, session: Session, own: list[Report] | None) -> dict:
-    """The visitor's last run in the table (else the session's last), the session in the charts."""
+    """The visitor's last run in the table and its JSON (else the session's last), the history in the charts."""
     history = list(session.history)
     reports = own or history[-1:]
     if reports:
@@ -61,9 +72,8 @@ def refresh_report_panel(panel: ReportPanel, session: Session, own: list[Report]
             table = f"Batch of {len(reports)} images (seeds {seeds}), {total:.2f} s in all; the last one:\n\n" + table
     else:
         table = EMPTY_TABLE
-    memory = memory_frame(history)
-    return {panel.table: table, panel.phase_plot: phase_frame(history),
-            panel.memory_plot: gr.LinePlot(memory, y_lim=memory_axis(memory))}
+    return {panel.table: table, panel.json_files: json_paths(reports) or None,
+            panel.phase_plot: phase_chart(history, PHASE_LABELS), panel.memory_plot: memory_chart(history)}
 
 
 def live_memory_text(status: dict) -> str:

@@ -5,9 +5,7 @@ Pure functions over `studio.report.Report`; no Gradio here, so they test in isol
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
-
-import pandas as pd
+from typing import Iterable
 
 from studio.report import Report
 
@@ -22,6 +20,7 @@ PHASE_LABELS = {
     "denoise": "denoise",
     "vae_decode": "VAE decode",
     "save": "save PNG",
+    "preview_fit": "live preview fit",
 }
 HISTORY_SHOWN = 30  # generations in the charts
 
@@ -66,9 +65,28 @@ def render_report(report: Report) -> str:
              *render_memory(report.memory)]
     if report.lora:
         lines += ["", *render_lora(report.lora)]
+    preview = render_preview(report.preview)
+    if preview:
+        lines += ["", preview]
     if report.status != "ok":
         lines += ["", f"Status: **{report.status}**"]
     return "\n".join(lines)
+
+
+def render_preview(preview: dict) -> str:
+    """The live preview's line: how often, and what it cost per step (measured, next to a step's time)."""
+    if not preview:
+        return ""
+    if not preview.get("enabled"):
+        return "Live preview: off (Preferences → Live preview)."
+    images = preview.get("images", 0)
+    line = (f"Live preview: {images} picture{'' if images == 1 else 's'} "
+            f"(every {preview.get('every_steps', '?')} steps), **{preview.get('ms_per_step', 0.0):.3f} ms per step**")
+    if "share_of_step" in preview:
+        line += f" ({100 * preview['share_of_step']:.2f} % of a step)"
+    if "fit_seconds" in preview:
+        line += f"; its colour map was fitted to this VAE in {preview['fit_seconds']:.2f} s"
+    return line + "."
 
 
 def render_memory(mem: dict) -> list[str]:
@@ -148,50 +166,6 @@ def _unpatch_seconds(entry: dict) -> float | None:
         if isinstance(entry.get(key), (int, float)) and not isinstance(entry.get(key), bool):
             return float(entry[key])
     return None
-
-
-def _numbered(history: Sequence[Report]) -> list[tuple[str, Report]]:
-    start = max(0, len(history) - HISTORY_SHOWN)
-    width = len(str(len(history)))
-    return [(f"#{i + 1:0{width}d}", r) for i, r in enumerate(list(history)[start:], start)]
-
-
-def phase_frame(history: Sequence[Report]) -> pd.DataFrame | None:
-    """Long format for a stacked bar chart: one row per (generation, phase); None before the first.
-
-    Every known phase is present for every generation (zero when it did not run): Gradio's
-    chart fixes its colour legend from the first data it draws, so a phase that first
-    appears later (a model reload, a LoRA patch) would otherwise never be drawn.
-    """
-    numbered = _numbered(history)
-    if not numbered:
-        return None
-    names = list(PHASE_LABELS) + sorted({n for _, r in numbered for n in r.phases} - set(PHASE_LABELS) - {"total"})
-    rows = [{"generation": label, "phase": phase_label(name), "seconds": float(report.phases.get(name, 0.0))}
-            for label, report in numbered for name in names]
-    return pd.DataFrame(rows).astype({"generation": "string", "phase": "string", "seconds": "float64"})
-
-
-def memory_frame(history: Sequence[Report]) -> pd.DataFrame | None:
-    """One row per (generation, measure) in MB: peak RAM, and peak VRAM where measured; None before the first."""
-    rows = []
-    for label, report in _numbered(history):
-        mem = report.memory
-        rows.append({"generation": label, "measure": "peak RAM", "MB": mem.get("peak_rss", 0) / _MB})
-        if "cuda_peak_allocated" in mem:
-            rows.append({"generation": label, "measure": "peak VRAM", "MB": mem["cuda_peak_allocated"] / _MB})
-    if not rows:
-        return None
-    # the same "#n" labels as the phase chart: one tick per generation (integers drew "1, 2, 2")
-    return pd.DataFrame(rows).astype({"generation": "string", "measure": "string", "MB": "float64"})
-
-
-def memory_axis(frame: pd.DataFrame | None) -> list[float]:
-    """The memory chart's y range: from zero (a 1 MB change must not look like a cliff) to a round
-    number above the highest point (Gradio's open-ended `[0, None]` clipped the line off the top)."""
-    top = float(frame["MB"].max()) if frame is not None and len(frame) else 0.0
-    step = 10 ** max(0, len(str(int(top * 1.1))) - 1)  # 623 MB -> steps of 100 -> 700
-    return [0.0, float(max(step, -(-top * 1.1 // step) * step))]
 
 
 def unpatch_costs(history: Iterable[Report]) -> dict[str, tuple[float, int]]:

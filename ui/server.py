@@ -19,13 +19,14 @@ from typing import Callable
 import gradio as gr
 
 from studio.errors import StudioError
-from studio.paths import app_dirs
+from studio.paths import ASSETS_DIR, app_dirs
 from studio.session import Session
 from studio.settings import load_settings
-from ui.access import ServerInfo
+from ui.access import ServerInfo, let_this_computer_in
 from ui.share import Opener, PublicLink, login_for, open_tunnel
 
 log = logging.getLogger(__name__)
+CSS = ASSETS_DIR / "css" / "studio.css"
 AUTH_MESSAGE = "LoRA Studio is shared through a public link: log in with the user and password shown on its console."
 
 
@@ -45,8 +46,7 @@ class RunningApp:
 
 def served_folders(session: Session) -> tuple[list[str], list[str]]:
     """(allowed, blocked): the outputs folder and the thumbnail cache are served; the config folder never."""
-    outputs = Path(session.settings.outputs_dir).expanduser() if session.settings.outputs_dir else \
-        session.dirs.default_outputs
+    outputs = session.outputs_root
     thumbnails = session.dirs.cache / "thumbnails"
     for folder in (outputs, thumbnails):
         folder.mkdir(parents=True, exist_ok=True)
@@ -56,8 +56,9 @@ def served_folders(session: Session) -> tuple[list[str], list[str]]:
 def launch_app(session: Session, port: int | None = None, quiet: bool = False, share: bool = False,
                opener: Opener | None = None, announce: Callable[[str], None] | None = None,
                start_tunnel: bool = True) -> RunningApp:
-    """Launch without blocking. With `share`, login is required and the tunnel is tried in the background
-    (now, or when the caller calls `start_public_link`, with start_tunnel=False)."""
+    """Launch without blocking. With `share`, a visitor through the link must log in (the person at this
+    computer need not) and the tunnel is tried in the background (now, or when the caller calls
+    `start_public_link`, with start_tunnel=False)."""
     from ui.app import build_app
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -70,8 +71,11 @@ def launch_app(session: Session, port: int | None = None, quiet: bool = False, s
     _, local_url, _ = app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=quiet,
                                  inbrowser=False, share=False, auth=credentials.pair if credentials else None,
                                  auth_message=AUTH_MESSAGE if credentials else None, allowed_paths=allowed,
-                                 blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb")
+                                 blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb",
+                                 css_paths=[CSS])
     server.port = app.server_port
+    if credentials is not None:
+        let_this_computer_in(app, server)
     running = RunningApp(app, local_url, server)
     if share and start_tunnel:
         running.start_public_link()

@@ -156,7 +156,7 @@ class PublicLink:
                     "or start with `--share`.")
         login = ""
         if credentials is not None and local:
-            login = f" · login `{credentials.user}` / `{credentials.password}`"
+            login = f" · visitors log in with `{credentials.user}` / `{credentials.password}`"
             if credentials.generated:
                 login += " (generated for this run)"
         if state is LinkState.CONNECTING:

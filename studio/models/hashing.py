@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,17 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
-def _sha256_files(files: list[Path]) -> str:
+def _sha256_files(files: list[Path], on_progress: Callable[[float], None] | None = None) -> str:
     digest = hashlib.sha256()
+    total = sum(f.stat().st_size for f in files) or 1
+    done = 0
     for file in files:
         with file.open("rb") as fh:
             while chunk := fh.read(_CHUNK):
                 digest.update(chunk)
+                done += len(chunk)
+                if on_progress is not None and done % (64 * _CHUNK) < _CHUNK:
+                    on_progress(min(1.0, done / total))
     return digest.hexdigest()
 
 
@@ -39,8 +45,9 @@ def weight_files(source: Path) -> list[Path]:
     return sorted((p for p in source.rglob("*") if p.suffix in WEIGHT_SUFFIXES), key=lambda p: p.as_posix())
 
 
-def model_sha256(source: Path, cache_file: Path | None = None) -> str:
-    """Full sha256 of a checkpoint file, or of a folder's weight files in path order."""
+def model_sha256(source: Path, cache_file: Path | None = None,
+                 on_progress: Callable[[float], None] | None = None) -> str:
+    """Full sha256 of a checkpoint file, or of a folder's weight files in path order (cached)."""
     files = weight_files(source)
     key = "+".join(_file_key(f) for f in files)
     cache: dict[str, str] = {}
@@ -52,7 +59,7 @@ def model_sha256(source: Path, cache_file: Path | None = None) -> str:
                 cache = {}
         if key in cache:
             return cache[key]
-    value = _sha256_files(files)
+    value = _sha256_files(files, on_progress)
     if cache_file is not None:
         with _LOCK:
             cache[key] = value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -72,7 +73,8 @@ def resolve_source(spec: str | os.PathLike | None) -> ModelSource:
                          "or leave it empty for the built-in demo model)")
 
 
-def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None):
+def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device | None = None,
+                  on_progress: Callable[[float], None] | None = None):
     """Load an SDXL pipeline on the CPU in `dtype`; the memory placement moves weights to `device`.
 
     `device` becomes the pipeline's execution device: with offload or streaming, components
@@ -89,7 +91,7 @@ def load_pipeline(source: ModelSource, dtype: torch.dtype, device: torch.device 
         if source.kind is SourceKind.SINGLE_FILE:
             from studio.models.single_file import load_single_file
 
-            pipe = load_single_file(source.path, torch_dtype=dtype)
+            pipe = load_single_file(source.path, torch_dtype=dtype, on_progress=on_progress)
         else:
             offline = source.kind is not SourceKind.HUB or os.environ.get("HF_HUB_OFFLINE") == "1"
             pipe = StableDiffusionXLPipeline.from_pretrained(

@@ -270,8 +270,11 @@ def _build(arch: Architecture, get: Callable[[str], torch.Tensor], dtype: torch.
     return models
 
 
-def load_single_file(path: str | os.PathLike[str], torch_dtype: torch.dtype) -> StableDiffusionXLPipeline:
+def load_single_file(path: str | os.PathLike[str], torch_dtype: torch.dtype,
+                     on_progress: Callable[[float], None] | None = None) -> StableDiffusionXLPipeline:
     """An SDXL pipeline from a single-file checkpoint, offline: configs and tokenizers come from assets/.
+
+    `on_progress(fraction)` hears how much of the file's weights has been read.
 
     We convert the keys ourselves: diffusers 0.42.1's `from_single_file` picks the text encoder by
     width, so when TE1 and TE2 are equally wide (the tiny model) it loads TE1's weights into TE2.
@@ -285,8 +288,18 @@ def load_single_file(path: str | os.PathLike[str], torch_dtype: torch.dtype) -> 
     check_keys(shapes, arch, path.name)
     log.info("loading %s as %s in %s", path.name, arch.value, torch_dtype)
     try:
+        total = sum(_numel(shape) for shape in shapes.values()) or 1
+        done = [0]
+
         with safe_open(str(path), framework="pt") as f:
-            models = _build(arch, f.get_tensor, torch_dtype)
+            def get(name: str) -> torch.Tensor:
+                tensor = f.get_tensor(name)
+                if on_progress is not None:
+                    done[0] += tensor.numel()
+                    on_progress(min(1.0, done[0] / total))
+                return tensor
+
+            models = _build(arch, get, torch_dtype)
         pipe = StableDiffusionXLPipeline.from_pretrained(str(arch.config_dir), local_files_only=True, **models)
     except ModelLoadError as err:
         raise ModelLoadError(f"{path.name}: {err}") from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def test_progress_arrives_per_step_and_stop_ends_the_run(served, client):
     while time.time() < deadline and not progress:
         progress = [u for u in (job.status().progress_data or []) if u.unit == "steps" and u.index]
         time.sleep(0.05)
-    assert progress and progress[0].length == 600 and progress[0].desc == "image 1 of 3: denoising"
+    assert progress and progress[0].length == 600  # steps counted over the whole batch
+    assert re.fullmatch(r"image 1 of 3: denoise step \d+/200 · ETA [\d.]+ (s|min \d+ s)", progress[0].desc)
     ack = client.predict(api_name="/stop")
     assert ack.startswith("⏹ **Stop requested**")
     gallery, seeds, summary, jsons = job.result(timeout=60)
@@ -71,14 +73,24 @@ def test_errors_reach_the_client_as_one_message(client):
 
 def test_png_info_reads_back_what_generate_wrote(client, tmp_path):
     gallery, *_ = _generate(client, prompt="a red door", negative="fog", seed=77)
-    prompt, negative, table = client.predict(handle_file(gallery[0]["image"]), api_name="/png_info")
+    prompt, negative, table, note, preview = client.predict(handle_file(gallery[0]["image"]), api_name="/png_info")
     assert (prompt, negative) == ("a red door", "fog")
     params = dict(table["data"])
     assert params["Seed"] == "77" and params["Size"] == "128x128" and params["Sampler"] == "Euler"
+    assert "is a 128×128 PNG" in note and "generation parameters, made by lora-studio" in note and preview
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
-    with pytest.raises(AppError, match="has no generation parameters"):
-        client.predict(handle_file(str(plain)), api_name="/png_info")
+    *_, note, preview = client.predict(handle_file(str(plain)), api_name="/png_info")
+    assert note.startswith("**plain.png** is a 8×8 PNG") and "without generation parameters" in note and preview
+
+
+def test_a_file_that_is_not_an_image_is_named_in_one_line_without_an_error(client, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_text("<!DOCTYPE html><html>not a picture</html>")
+    prompt, negative, table, note, preview = client.predict(handle_file(str(fake)), api_name="/png_info")
+    assert (prompt, negative, table["data"], preview) == ("", "", [], None)
+    assert note.startswith("⚠ **holiday.png** is not an image: it starts with the text `<!DOCTYPE html><html>not")
+    assert len(note.splitlines()) == 1
 
 
 def test_status_is_cheap_and_says_idle_or_busy(client):

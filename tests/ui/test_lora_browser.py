@@ -55,9 +55,10 @@ def test_browse_add_weigh_trigger_words_and_generate(page):
     browser = page.locator("#lora-browser .thumbnail-item")
     _search(page, "pastel")  # the SD 1.5 file is listed, with the reason, and a click only says why
     expect(browser).to_have_count(1)
-    expect(browser.first).to_contain_text("⚠ pastel-sd15 · SD 1.x: made for SD 1.x")
+    expect(browser.first).to_contain_text("⚠ pastel-sd15 · SD 1.x · can't be used")
+    expect(page.locator("#lora-note")).to_contain_text("pastel-sd15 can't be used: made for SD 1.x")
     browser.first.click()
-    expect(page.locator("#lora-note")).to_contain_text("can't be added: made for SD 1.x", timeout=LONG)
+    expect(page.locator("#lora-action")).to_contain_text("can't be added: made for SD 1.x", timeout=LONG)
     expect(page.locator("#lora-stack-empty")).to_be_visible()
 
     prompt.fill("a lighthouse at dusk")
@@ -130,3 +131,84 @@ def test_png_info_brings_the_stack_back_as_rows_that_reorder_and_remove(page, tm
     page.locator(f"#lora-remove-{WARM}").click()
     expect(prompt).to_have_value("a green boat <lora:demo-locon-grain:0.4>", timeout=LONG)
     expect(page.locator(f"#lora-row-{WARM}")).to_have_count(0)
+
+
+def test_a_weight_changed_by_keys_typing_or_drag_is_what_the_tag_and_the_image_use(page):
+    from playwright.sync_api import expect
+
+    from ui.lora_sync import fmt
+
+    prompt = page.locator("#prompt textarea")
+    prompt.fill("a quiet harbour")
+    _search(page, "warm")
+    page.locator("#lora-browser .thumbnail-item").first.click()
+    expect(prompt).to_have_value(f"a quiet harbour <lora:{WARM}:1>", timeout=LONG)
+    action = page.locator("#lora-action")
+    expect(action).to_contain_text(f"Added {WARM} to the stack")
+    slider = page.locator(f"#lora-weight-{WARM} input[type=range]")
+    number = page.locator(f"#lora-weight-{WARM} input[type=number]")
+
+    slider.focus()  # the keyboard: two steps of 0.05 down; no pointer, so no "release"
+    slider.press("ArrowLeft")
+    slider.press("ArrowLeft")
+    expect(number).to_have_value("0.9")
+    expect(prompt).to_have_value(f"a quiet harbour <lora:{WARM}:0.9>", timeout=LONG)
+    expect(action).to_have_text("")  # "Added …" was about the click, not about what came after
+    page.locator("#lora-browser .thumbnail-item").first.click()  # the same tile again
+    expect(action).to_contain_text(f"{WARM} is already in the stack (weight 0.9); nothing changed", timeout=LONG)
+
+    number.fill("0.35")  # typed into the box, focus still in it
+    expect(prompt).to_have_value(f"a quiet harbour <lora:{WARM}:0.35>", timeout=LONG)
+
+    box = slider.bounding_box()  # a drag from the thumb's place to a quarter of the track
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * (0.35 + 2) / 4, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.25, y, steps=12)
+    page.mouse.up()
+    expect(number).not_to_have_value("0.35")
+    dragged = float(number.input_value())
+    assert -1.3 < dragged < -0.7
+    expect(prompt).to_have_value(f"a quiet harbour <lora:{WARM}:{fmt(dragged)}>", timeout=LONG)
+
+    slider.focus()
+    slider.press("ArrowRight")  # and one key press just before Generate
+    after = round(dragged + 0.05, 4)
+    expect(number).to_have_value(fmt(after))
+    page.locator("#seed input").fill("31")
+    set_number(page, "#steps input[type=number]", "2")
+    page.locator("#generate").click()
+    expect(page.locator("#summary")).to_contain_text("seed 31", timeout=LONG)
+    expect(prompt).to_have_value(f"a quiet harbour <lora:{WARM}:{fmt(after)}>")
+    open_tab(page, "Report")
+    row = page.locator("#report-table tr", has_text=WARM)
+    expect(row.locator("td").nth(1)).to_have_text(str(float(after)), timeout=LONG)  # what ran
+
+
+def test_unusable_tiles_look_unusable_and_captions_are_read_whole(page):
+    import io
+
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    _search(page, "")
+    tiles = page.locator("#lora-browser .thumbnail-item")
+    expect(tiles).to_have_count(4)
+    pastel = tiles.filter(has_text="pastel-sd15")
+    warm = tiles.filter(has_text=WARM)
+    expect(pastel.locator("img")).to_have_attribute("src", re.compile(r"unusable-\w+\.png"))
+
+    def saturation(tile) -> float:  # what the eye sees: the tile's pixels as the browser drew them
+        shot = Image.open(io.BytesIO(tile.screenshot())).convert("RGB").convert("HSV")
+        top = shot.crop((0, 0, shot.width, shot.height // 4)).getchannel("S")
+        return sum(top.getdata()) / (top.width * top.height)
+
+    assert saturation(pastel) < 10 < 40 < saturation(warm)
+    for caption in page.locator("#lora-browser .caption-label").all():  # no caption is cut off
+        fits = caption.evaluate("e => e.scrollWidth <= e.clientWidth + 1 && "
+                                "getComputedStyle(e).textOverflow != 'ellipsis' || "
+                                "getComputedStyle(e).whiteSpace == 'normal'")
+        assert fits, caption.inner_text()
+    assert "can't be used" in pastel.locator(".caption-label").inner_text()
+    info = page.locator("#lora-note")
+    expect(info).to_contain_text("pastel-sd15 can't be used")

@@ -46,7 +46,7 @@ def test_every_file_is_listed_and_unusable_ones_say_why(catalog, folder):
     sd15 = entries["pastel-sd15"]
     assert not sd15.compatible and sd15.badge == "SD 1.x" and sd15.title == "pastel 1.5"
     assert sd15.reason.startswith("made for SD 1.x, not SDXL") and "ss_base_model_version=sd_v1" in sd15.reason
-    assert "⚠ pastel-sd15 · SD 1.x: made for SD 1.x" in sd15.caption()
+    assert sd15.caption() == "⚠ pastel-sd15 · SD 1.x · can't be used"  # the reason is in the note
     assert not entries["broken"].compatible and entries["broken"].reason.startswith("LoRA broken.safetensors:")
     assert entries["old"].badge == "unreadable" and "never unpickles" in entries["old"].reason
     warm = entries["demo-kohya-warm"]
@@ -64,6 +64,31 @@ def test_an_unusable_file_is_shown_but_cannot_be_added(catalog, folder):
     rows, prompt, message = add_from_browser(catalog, [], "a cat", "demo-kohya-warm")
     assert rows == [{"name": "demo-kohya-warm", "weight": 1.0, "enabled": True}]
     assert prompt == "a cat <lora:demo-kohya-warm:1>" and "Added" in message
+    # a second click on a tile in the stack says so instead of "Added" again
+    again, prompt, message = add_from_browser(catalog, rows, prompt, "demo-kohya-warm")
+    assert again == rows and "already in the stack" in message and "Added" not in message
+    off = [{**rows[0], "enabled": False}]
+    assert "switched it back on" in add_from_browser(catalog, off, "a cat", "demo-kohya-warm")[2]
+
+
+def test_an_unusable_tile_is_greyed_under_a_band_and_names_wrap_at_separators(catalog, folder):
+    from ui.lora_catalog import wrap_name
+
+    catalog.scan(search_dirs([str(folder)]))
+    (pastel, _), = browser_view(catalog, "pastel")[0]
+    (warm, _), = browser_view(catalog, "demo-kohya-warm")[0]
+    assert Path(pastel).name.startswith("unusable-") and Path(pastel).parent == catalog.thumbnails
+
+    def colour(path: str) -> float:  # mean saturation of the top quarter (above the band)
+        hsv = Image.open(path).convert("RGB").convert("HSV")
+        top = hsv.crop((0, 0, hsv.width, hsv.height // 4)).getchannel("S")
+        return sum(top.getdata()) / (top.width * top.height)
+
+    assert colour(pastel) < 5 < 50 < colour(warm)  # grey next to a coloured picture
+    band = Image.open(pastel).convert("RGB").getpixel((4, 128))
+    assert band[0] > 2 * band[1]  # the red "can't be used" band across the middle
+    assert wrap_name("demo-locon-grain", 14) == ["demo-locon-", "grain"]  # not "demo-locon-gra" / "in"
+    assert wrap_name("pastel-portrait_style-sd15", 14) == ["pastel-", "portrait_", "style-sd15"]
 
 
 def test_search_looks_at_names_titles_and_trigger_words(catalog, folder):

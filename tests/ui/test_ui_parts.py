@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +16,8 @@ from ui.generate_tab import GenerateForm
 from ui.jobs import JobBook
 from ui.png_info import restorable
 from ui.pref_fields import from_widget, sections, shown, to_widget
-from ui.report_view import (memory_axis, memory_frame, phase_frame, render_memory, render_report, render_unpatch_costs,
-                            unpatch_costs)
+from ui.charts import memory_chart, phase_chart
+from ui.report_view import PHASE_LABELS, render_memory, render_report, render_unpatch_costs, unpatch_costs
 from ui.share import Credentials, LinkState, PublicLink, login_for
 from ui.sizes import CUSTOM, SDXL_BUCKETS, preset_for, size_presets
 from studio.settings import Settings, field_names
@@ -61,15 +62,6 @@ def test_report_table_frames_and_unpatch_costs():
     text = render_report(_report(cuda=True))
     assert "| denoise | 0.200 s | 74 % |" in text and "peak VRAM allocated" in text
     history = [_report(1), _report(2, cuda=True)]
-    phases = phase_frame(history)
-    assert set(phases["generation"]) == {"#1", "#2"} and phases["seconds"].dtype == "float64"
-    assert "model load" in set(phases["phase"])  # every known phase from the start (the chart's legend is fixed)
-    memory = memory_frame(history)
-    assert list(memory["measure"]) == ["peak RAM", "peak RAM", "peak VRAM"]
-    assert list(memory["generation"]) == ["#1", "#2", "#2"]  # one tick per generation, as in the phase chart
-    assert phase_frame([]) is None and memory_frame([]) is None
-    assert memory_axis(memory) == [0.0, 4000.0]  # peak VRAM 3,072 MB: from zero to a round number above it
-    assert memory_axis(memory_frame([_report(1)])) == [0.0, 700.0] and memory_axis(None) == [0.0, 1.0]
     assert "not measured yet" in render_unpatch_costs(history)
     lora = {"unpatch": {"method": "restore_in_place", "tensors": 4, "switch_seconds": 0.0123}, "stack": [
         {"name": "warm", "hash": "h", "weight": 0.8, "format": "kohya", "layers": 9, "unmatched_keys": 2,
@@ -79,6 +71,35 @@ def test_report_table_frames_and_unpatch_costs():
     assert unpatch_costs(history) == {"restore_in_place": (0.0123, 3)}
     assert "restore in place: **12.3 ms** (generation #3)" in render_unpatch_costs(history)
     assert "| warm (`h`) | 0.8 | kohya | 9 | 2: `k1`, `k2` | miss |" in render_report(history[2])
+
+
+def _bars(svg: str) -> dict[str, float]:
+    """generation -> the drawn height of its whole bar, read back from the SVG."""
+    found = re.findall(r'class="run-bar" data-generation="(#\d+)" x="[\d.]+" y="[\d.]+" width="[\d.]+" '
+                       r'height="([\d.]+)"', svg)
+    return {label: float(h) for label, h in found}
+
+
+def test_a_fast_run_stays_visible_next_to_a_model_load_on_the_log_time_axis():
+    slow = _report(1)
+    slow.phases = {"model_load": 6.0, "denoise": 0.2, "vae_decode": 0.05, "total": 6.3}
+    fast = [_report(i) for i in range(2, 5)]  # 0.27 s each
+    svg = phase_chart([slow, *fast], PHASE_LABELS)
+    bars = _bars(svg)
+    assert set(bars) == {"#1", "#2", "#3", "#4"}
+    assert bars["#2"] > 0.2 * bars["#1"]  # on the old linear axis: 0.27 / 6.3 = 4 % of it
+    assert ">0.1 s<" in svg and ">10 s<" in svg  # decade ticks
+    assert 'data-phase="model_load"' in svg and "model load: 6 s (96 %)" in svg  # each phase's share, on hover
+    assert "No generation yet" in phase_chart([], PHASE_LABELS)
+
+
+def test_the_memory_chart_marks_a_single_run_and_starts_at_zero():
+    one = memory_chart([_report(1)])
+    assert one.count('class="memory-point"') == 1 and "<polyline" not in one  # a line needs two points
+    assert ">0 MB<" in one and ">700 MB<" in one  # 600 MB peak: from zero to a round number above it
+    two = memory_chart([_report(1), _report(2, cuda=True)])
+    assert two.count('data-measure="peak RAM"') == 2 and two.count('data-measure="peak VRAM"') == 1
+    assert ">4,000 MB<" in two  # the VRAM peak of 3,072 MB sets the top
 
 
 def test_the_memory_table_shows_the_mode_where_each_component_is_and_what_moved():

@@ -81,15 +81,18 @@ def test_the_share_failure_is_reported_without_blocking_the_local_app(shared):
     assert "no internet connection" in line and running.server.credentials.password in line
 
 
-def test_login_is_required_when_sharing(shared):
+def test_login_is_required_through_the_link_but_not_at_this_computer(shared):
     running, _, _ = shared
     url, creds = running.local_url, running.server.credentials
     assert creds is not None and creds.generated
-    assert httpx.get(f"{url}config").status_code == 401
-    assert httpx.get(url).status_code == 200  # the login page
-    with pytest.raises(Exception):
-        Client(url, verbose=False, analytics_enabled=False)
-    client = Client(url, auth=creds.pair, verbose=False, analytics_enabled=False)
+    remote = {"host": "abcd.gradio.live"}  # what a visitor through the tunnel sends
+    assert httpx.get(f"{url}config", headers=remote).status_code == 401
+    assert "auth_required" in httpx.get(url, headers=remote).text  # the login page
+    with httpx.Client(base_url=url, headers=remote, timeout=10) as http:
+        http.post("/login", data={"username": creds.user, "password": creds.password})
+        assert http.get("/config").status_code == 200  # logged in, the visitor gets the app
+    assert httpx.get(f"{url}config").status_code == 200  # this computer: no login asked
+    client = Client(url, verbose=False, analytics_enabled=False)  # nor from a script here
     status = client.predict(api_name="/status")
     assert status["public_link"] == "failed" and status["busy"] is False
 
@@ -103,7 +106,7 @@ def test_only_the_outputs_folder_is_served_never_the_config(shared, tiny_session
     image = tiny_session.dirs.default_outputs / "probe.png"
     image.write_bytes(b"\x89PNG\r\n\x1a\n")
     try:
-        with httpx.Client(base_url=running.local_url, timeout=10) as http:
+        with httpx.Client(base_url=running.local_url, headers={"host": "abcd.gradio.live"}, timeout=10) as http:
             assert http.get(f"/gradio_api/file={image}").status_code == 401  # not logged in
             http.post("/login", data={"username": creds.user, "password": creds.password})
             assert http.get(f"/gradio_api/file={image}").status_code == 200
@@ -129,3 +132,29 @@ def test_a_tunnel_attempt_runs_in_a_daemon_thread():
     finally:
         release.set()
     assert link.wait(5) and link.state is LinkState.FAILED
+
+
+@pytest.mark.browser
+def test_at_this_computer_the_shared_app_opens_without_a_login_and_says_why_the_link_failed(shared, browser):
+    from playwright.sync_api import expect
+
+    from tests.ui.conftest import LONG, open_tab
+
+    running, _, _ = shared
+    assert running.server.public.wait(5)
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    try:
+        page.goto(running.local_url)
+        expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)  # the app, not a login page
+        line = page.locator("#public-link")
+        expect(line).to_contain_text("Public link unavailable: no internet connection", timeout=LONG)
+        expect(line).to_contain_text(f"visitors log in with {running.server.credentials.user}")
+        width = line.bounding_box()["width"]
+        assert width > 0.9 * page.locator("#live-status").locator("xpath=..").bounding_box()["width"]  # a full row
+        open_tab(page, "Preferences")
+        share = page.locator("#pref-share")
+        expect(share).to_contain_text("running now: on", timeout=LONG)  # the saved "off" is for the next start
+        expect(page.locator("#prefs-note")).to_contain_text("Public link = on")
+    finally:
+        context.close()
