@@ -215,10 +215,12 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_grid_command(args: argparse.Namespace) -> int:
     from studio.grid import parse_axis, plan_grid, run_grid, summary
 
-    session = _session(args)
-    axes = [parse_axis(text) if text else None for text in (args.x, args.y, args.z)]
+    from studio.errors import SettingsError
+
+    axes = [parse_axis(text) if text else None for text in (args.x, args.y, args.z)]  # bad input: before the model
     if not any(axes):
-        raise StudioError("grid needs at least one axis: --x \"lora:NAME=0,0.5,1\" (and --y, --z)")
+        raise SettingsError("grid needs at least one axis: --x \"lora:NAME=0,0.5,1\" (and --y, --z)")
+    session = _session(args)
     plan = plan_grid(session, _request_from_args(args, session.settings), axes)  # every cell checked first
     shape = "x".join(str(n) for n in plan.shape if n > 1) or "1"
     print(f"grid {shape}: {len(plan.order)} cells, order: {plan.order_method}")

@@ -189,3 +189,14 @@ def test_jobs_without_an_out_dir_is_bad_input_and_exits_2(tmp_path, monkeypatch,
     assert _run_in_process(["generate", "--jobs", str(tmp_path / "jobs.jsonl")], tmp_path / "h", monkeypatch) == 2
     assert "--jobs needs --out-dir DIR" in capsys.readouterr().err
     assert _run_in_process(["generate"], tmp_path / "h", monkeypatch) == 2  # no --prompt: bad input too
+
+
+def test_bad_grid_input_exits_2_before_any_model_load(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "g"
+    assert _run_in_process(["grid", "--prompt", "p", "--out-dir", str(out)], tmp_path / "h", monkeypatch) == 2
+    assert "grid needs at least one axis" in capsys.readouterr().err
+    assert _run_in_process(["grid", "--prompt", "p", "--x", "colour=1,2", "--out-dir", str(out)], tmp_path / "h",
+                           monkeypatch) == 2
+    assert "KIND=v1,v2" in capsys.readouterr().err
+    assert _run_in_process(["grid", "--x", "seed=1,2", "--out-dir", str(out)], tmp_path / "h", monkeypatch) == 2
+    assert "grid needs --prompt TEXT" in capsys.readouterr().err and not out.exists()

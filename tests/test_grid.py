@@ -97,6 +97,20 @@ def test_the_chosen_order_rewrites_less_than_row_by_row_and_the_report_says_so(g
     assert "measured" in text and "estimate" in text
 
 
+def test_steps_sampler_and_size_axes_make_a_3d_grid_whose_cells_match_their_runs_alone(tiny_session, tmp_path):
+    base = GenerationRequest(prompt="a cat", seed=4, steps=2, width=64, height=64, loras=((KOHYA, 0.7),))
+    axes = [parse_axis("steps=1,2"), parse_axis("sampler=Euler,DPM++ 2M"), parse_axis("size=64x64,96x64")]
+    plan = plan_grid(tiny_session, base, axes)
+    result = run_grid(tiny_session, plan, tmp_path / "grid")
+    assert plan.shape == (2, 2, 2) and len(result.results) == 8
+    for cell, done in result.results.items():
+        request = plan.jobs[cell].request
+        assert (request.steps, request.sampler, request.width) == ((1, 2)[cell[0]], ("Euler", "DPM++ 2M")[cell[1]],
+                                                                   (64, 96)[cell[2]])
+        alone = tiny_session.generate(request, out_path=tmp_path / f"alone-{'-'.join(map(str, cell))}.png")
+        assert np.array_equal(_pixels(alone.paths[0]), _pixels(done.paths[0])), cell
+
+
 def test_stop_ends_the_grid_between_cells_and_keeps_what_ran(tiny_session, tmp_path):
     base = GenerationRequest(prompt="a cat", seed=2, steps=2, width=64, height=64)
     plan = plan_grid(tiny_session, base, [parse_axis("seed=1,2,3")])
