@@ -166,9 +166,13 @@ def wire_grid_tab(tab: GridTab, gen: GenerateTab, session: Session, server: Serv
         axis.kind.input(lambda kind: gr.Textbox(placeholder=EXAMPLES.get(kind, "")), axis.kind, axis.values, **quick)
         axis.kind.input(refresh_targets, [gen.loras.rows, gen.prompt, *targets], targets, **quick)
 
-    def run(*args: Any, request: gr.Request = None, progress: gr.Progress = gr.Progress()) -> dict:
-        texts = [axis_text(*args[i * 3:i * 3 + 3]) for i in range(3)]
-        prompt, rows, *rest = args[9:]
+    # Named parameters, not *args: Gradio passes gr.Request and gr.Progress only to positional ones
+    # (helpers.special_args), and without them Stop never found the grid and progress stayed blank.
+    def run(xk: str, xt: str, xv: str, yk: str, yt: str, yv: str, zk: str, zt: str, zv: str, prompt: str,
+            rows: list[Row] | None, negative: str, seed: float | None, steps: float, cfg: float, width: float,
+            height: float, sampler: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> dict:
+        texts = [axis_text(xk, xt, xv), axis_text(yk, yt, yv), axis_text(zk, zt, zv)]
+        rest = (negative, seed, steps, cfg, width, height, sampler)
         owner = owner_of(request)
         with engine_call():
             axes = [parse_axis(t) if t else None for t in texts]
@@ -217,8 +221,10 @@ def wire_grid_tab(tab: GridTab, gen: GenerateTab, session: Session, server: Serv
 
     tab.take_a.click(take, [gen.prompt, gen.loras.rows], tab.stack_a, **quick)
 
-    def compare(a: str, b: str, prompt: str, rows: list[Row] | None, *rest: Any, request: gr.Request = None,
+    def compare(a: str, b: str, prompt: str, rows: list[Row] | None, negative: str, seed: float | None, steps: float,
+                cfg: float, width: float, height: float, sampler: str, request: gr.Request,
                 progress: gr.Progress = gr.Progress()) -> dict:
+        rest = (negative, seed, steps, cfg, width, height, sampler)
         with engine_call():
             # The Generate tab's rows are the base stack; the A/B stacks replace it whole.
             base = _base_request(prompt, [], dict(zip(keys, rest)))

@@ -92,6 +92,24 @@ def test_a_weight_grid_in_the_browser_with_its_lora_cost(page):
     assert len(data["cells"]) == 6 and data["cells"][5]["request"]["loras"] == [[WARM, 1.0], [COOL, 0.7]]
 
 
+def test_progress_counts_cells_and_stop_ends_the_grid_between_cells(page):
+    from playwright.sync_api import expect
+
+    _base(page, "a lighthouse at dusk")
+    set_number(page, "#steps input[type=number]", "12")
+    open_tab(page, "Grid")
+    _pick(page, "#grid-x-kind", "seed")
+    page.locator("#grid-x-values textarea, #grid-x-values input").first.fill("1, 2, 3, 4, 5, 6, 7, 8")
+    page.locator("#grid-run").click()
+    expect(page.get_by_text(re.compile(r"cell [12]/8")).first).to_be_visible(timeout=4 * LONG)
+    page.locator("#grid-stop").click()
+    status = page.locator("#grid-status")
+    expect(status).to_contain_text("Stopped after", timeout=4 * LONG)
+    ran = int(re.search(r"Stopped after (\d+) of 8", status.inner_text()).group(1))
+    assert 1 <= ran < 8
+    expect(page.locator("#grid-cells .thumbnail-item")).to_have_count(ran, timeout=LONG)  # what ran is saved
+
+
 def test_ab_compare_shows_two_stacks_on_one_seed(page):
     from playwright.sync_api import expect
 
