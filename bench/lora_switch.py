@@ -310,6 +310,7 @@ def _machine() -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "cpus": os.cpu_count(),
                             "torch_threads": torch.get_num_threads(),
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch picked
                             "date": dt.datetime.now().isoformat(timespec="seconds")}
     try:
         import diffusers
