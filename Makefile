@@ -43,7 +43,7 @@ test: install-test browser
 # Refresh the README's screenshots from the real-browser tests.
 screenshots: install-test browser
 	LORA_STUDIO_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q tests/ui/test_browser.py tests/ui/test_lora_browser.py \
-		tests/ui/test_newcomer_browser.py
+		tests/ui/test_newcomer_browser.py tests/ui/test_grid_browser.py
 
 # The packages the GPU machine's image lacks, as wheels for scripts/gpu_check.sh (carried as .whl).
 gpu-wheels:

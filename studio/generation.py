@@ -72,7 +72,7 @@ def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out: Path | Output
     meter = PreviewMeter(preview and warm.preview is not None)
     with MemoryWatch(warm.placement) as watch, torch.inference_mode():
         try:
-            with loras.pinned(job.stack, timer) as applied:
+            with loras.pinned(job.stack, timer, steps=request.steps) as applied:
                 report.lora = applied.report
                 image = render(warm, applied, request, width, height, timer=timer, report=report, token=token,
                                on_step=on_step, decode_memory=decode_memory, meter=meter)
@@ -124,7 +124,11 @@ def render(warm: WarmPipeline, loras: AppliedStack, request: GenerationRequest, 
         if on_step is not None:
             on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1], picture))
         token.raise_if_cancelled()  # lands within one step of the click
-        last[0] = time.perf_counter()  # the next step's time leaves out the preview and the caller's work
+        if index + 1 < request.steps:
+            loras.step(Phase.DENOISE, index + 1)  # a LoRA's start=/stop= switches here, before that step
+        # The next step's time leaves out the preview, the caller's work and a step-range switch
+        # (reported on its own, in the report's step_switches).
+        last[0] = time.perf_counter()
         return kwargs
 
     with warm.phase(Phase.DENOISE, loras):

@@ -112,10 +112,16 @@ class Report:
             mem.append(f"VRAM peak {self.memory['cuda_peak_allocated'] / mb:.0f} MB allocated, "
                        f"{self.memory['cuda_peak_reserved'] / mb:.0f} MB reserved")
         if self.lora.get("stack"):
-            loras = ", ".join(f"{r['name']}:{r['weight']:g} ({r['cache']})" for r in self.lora["stack"])
+            loras = ", ".join(f"{r['name']}:{r['weight']:g}{':' + r['options'] if r.get('options') else ''} "
+                              f"({r['cache']})" for r in self.lora["stack"])
             patch, unpatch = self.lora["patch"], self.lora["unpatch"]
             lines.append(f"LoRAs {loras}; {patch['tensors_touched']} tensors patched, {patch['tensors_skipped']} "
                          f"unchanged; unpatch: {unpatch['method']} ({unpatch['tensors']} tensors)")
+            for switch in self.lora.get("step_switches", []):  # a start=/stop= boundary
+                work = (f"{switch['tensors_touched']} tensors rewritten" if switch["method"] == "incremental"
+                        else f"{switch['sidecars_gated']} sidecars gated")
+                lines.append(f"  step {switch['step']}: LoRAs on {', '.join(switch['on']) or 'none'}; {work} in "
+                             f"{switch['seconds']:.3f}s")
         lines.append(f"{len(self.step_seconds)} steps at {self.it_per_s:.2f} it/s on {self.device} ({self.dtype}); "
                      + "; ".join(mem))
         if self.dtype_reason:

@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from studio.errors import SettingsError
+from studio.lora.spec import check_weight, spec_of
 from studio.samplers import check_sampler
 
 MAX_SEED = 2**32 - 1
-MAX_LORA_WEIGHT = 4.0
 # SDXL's text encoders read 77 tokens (diffusers' encode_prompt truncates the rest); A1111 chunks
 # longer prompts in 75-token pieces, so its users write more. 8,000 characters is ~2,000 tokens,
 # far past any prompt that helps; a 1 MB prompt took 27 s and 340 MB, stored whole in the PNG.
@@ -33,9 +33,12 @@ def size_message(name: str, value: object) -> str:
 
 
 def check_lora_weight(name: str, weight: float) -> float:
-    if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
-        raise SettingsError(f"LoRA `{name}` weight must be between -4 and 4, got {weight}")
-    return weight
+    return check_weight(name, weight)
+
+
+def check_loras(loras) -> tuple[tuple, ...]:
+    """Every entry (name, weight) or (name, weight, options) checked, in its canonical form."""
+    return tuple(spec_of(entry).entry() for entry in loras)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,9 @@ class GenerationRequest:
     width: int = 0  # 0: the model's native size
     height: int = 0
     sampler: str = "Euler"
-    loras: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    # (name, weight) or (name, weight, options): options is the canonical `unet=..:lbw=..:start=..:stop=..`
+    # text of studio.lora.spec, so a request stays plain JSON
+    loras: tuple[tuple, ...] = field(default_factory=tuple)
 
     def validated(self) -> GenerationRequest:
         """Raise SettingsError naming the field, the value received and what is allowed.
@@ -76,8 +81,7 @@ class GenerationRequest:
             if value != 0 and (not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_STEP):
                 raise SettingsError(size_message(name, value))
         check_sampler(self.sampler)
-        for name, weight in self.loras:
-            check_lora_weight(name, weight)
+        check_loras(self.loras)
         _CHECKED.add(self)
         return self
 
@@ -93,11 +97,9 @@ class GenerationRequest:
             raise SettingsError(f"`seed` must be between 0 and {MAX_SEED}, got {seed}")
         return self._checked_copy(seed=seed)
 
-    def with_stack(self, prompt: str, loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
+    def with_stack(self, prompt: str, loras: tuple[tuple, ...]) -> GenerationRequest:
         """The prompt without its `<lora:...>` tags and the resolved stack (its weights checked here)."""
-        for name, weight in loras:
-            check_lora_weight(name, weight)
-        return self._checked_copy(prompt=prompt, loras=loras)
+        return self._checked_copy(prompt=prompt, loras=check_loras(loras))
 
     def _checked_copy(self, **changes: Any) -> GenerationRequest:
         copy = replace(self, **changes)
@@ -122,9 +124,13 @@ class GenerationRequest:
             for key, kind in (("seed", int), ("steps", int), ("width", int), ("height", int), ("cfg", float)):
                 if key in values:
                     values[key] = _number(key, values[key], kind)
-            values["loras"] = tuple((str(n), float(w)) for n, w in values.get("loras", ()))
+            loras = values.get("loras", ())
+            if isinstance(loras, (str, bytes)) or not all(isinstance(e, (list, tuple)) for e in loras):
+                raise TypeError(f"got {loras!r}")
+            values["loras"] = check_loras(loras)
         except (TypeError, ValueError) as err:
-            raise SettingsError(f"`loras` must be a list of [name, weight] pairs ({err})") from None
+            raise SettingsError(f"`loras` must be a list of [name, weight] or [name, weight, options] "
+                                f"({err})") from None
         return cls(**values).validated()
 
 

@@ -19,8 +19,9 @@ from studio.errors import SettingsError
 from studio.generation import DecodeMemory, GenerationResult, Job, generate
 from studio.history import ReportHistory
 from studio.jobs import CancelToken, JobSlot, StepCallback, StepEvent
+from studio.lora.block_weights import parse_presets
 from studio.lora.engine import LoraEngine, patcher_settings
-from studio.lora.stack import resolve_stack, search_dirs
+from studio.lora.stack import StackItem, resolve_stack, search_dirs
 from studio.memory import release_freed_memory, rss_bytes
 from studio.models.architectures import SDXL_DEFAULT_SIZE
 from studio.models.budget import Budgets, measure_budgets, oom_guard
@@ -240,8 +241,23 @@ class Session:
         """
         request = request.validated()  # returns at once when the caller (the UI's form) already checked it
         prompt, stack = resolve_stack(request.prompt, request.loras, search_dirs(self.settings.lora_dirs),
-                                      allow_paths=allow_paths)
-        return Job(request.with_stack(prompt, tuple((item.name, item.weight) for item in stack)), tuple(stack))
+                                      self.lbw_presets(), allow_paths=allow_paths)
+        return Job(request.with_stack(prompt, tuple(item.entry() for item in stack)), tuple(stack))
+
+    def lora_footprint(self, item: StackItem) -> list[tuple[str, str, int | None, int]]:
+        """(component, module, LBW block, weight bytes) of each layer `item`'s LoRA patches.
+
+        Loads the model and parses the file (kept in the LoRA cache, so the first generation finds
+        it there): a grid plans its order from this before its first cell.
+        """
+        with self._slot.exclusive():
+            self._ensure_model()
+            with self.loras.cache.pin(item.path) as pin:
+                return self.loras.footprint(pin.lora)
+
+    def lbw_presets(self) -> dict[str, tuple[float, ...]]:
+        """The user's block-weight presets (Preferences); the extension's SDXL set is built in."""
+        return parse_presets(self.settings.lbw_presets)
 
     def generate(self, request: GenerationRequest | Job, *, on_step: StepCallback | None = None,
                  on_phase: PhaseCallback | None = None, cancel: CancelToken | None = None,
@@ -297,7 +313,7 @@ class Session:
         """
         from studio.bake import bake
 
-        _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs), allow_paths=allow_paths)
+        _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs), self.lbw_presets(), allow_paths=allow_paths)
         if not stack:
             raise SettingsError("bake needs at least one --lora NAME_OR_PATH:WEIGHT")
         with self._slot.exclusive():
@@ -305,5 +321,4 @@ class Session:
             with self.loras.pinned(stack, PhaseTimer()) as applied, warm.phase(Phase.TEXT_ENCODE), \
                     warm.phase(Phase.DENOISE), warm.phase(Phase.DECODE), torch.inference_mode():
                 self.loras.clear()
-                return bake(warm.pipe, [(pin.lora, item.weight) for item, pin in applied.pinned], out_dir,
-                            single_file)
+                return bake(warm.pipe, applied.full_stack(), out_dir, single_file)

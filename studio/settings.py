@@ -23,6 +23,7 @@ import tomli_w
 
 from studio.choices import Device, LoraMode, MemoryMode, Precision
 from studio.errors import SettingsError
+from studio.lora.block_weights import parse_presets
 
 log = logging.getLogger(__name__)
 TEMP_PREFIX = ".settings-"  # the atomic write's temp file, beside settings.toml
@@ -55,6 +56,7 @@ class Settings:
     share: bool = False
     auth_user: str = "studio"
     auth_password: str = ""  # empty: generated when a public link is opened
+    lbw_presets: str = ""  # LoRA block-weight presets, `NAME:v1,...,v12` per line (the LBW extension's file format)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def validated(self) -> Settings:
@@ -124,6 +126,10 @@ SETTING_INFO: dict[str, SettingInfo] = {
     "auth_password": SettingInfo("Login password", "never shown once saved: type a new one to replace it, leave "
                                  "the box empty to keep it; none saved = generated per run, shown locally",
                                  Applies.RESTART),
+    "lbw_presets": SettingInfo("LoRA block presets",
+                               "one per line, NAME:12 values (BASE IN04 IN05 IN07 IN08 MID OUT0-OUT5) or 20 "
+                               "(LyCORIS); used as <lora:name:1:lbw=NAME>; built in: ALL NONE INS IND INALL MID "
+                               "MIDD OUTD OUTS OUTALL ALL0.5", Applies.NOW),
 }
 
 
@@ -178,6 +184,8 @@ def check_field(name: str, value: Any) -> None:
         low, high, allowed = _RANGES[name]
         if not low <= value <= high:
             raise SettingsError(f"`{name}` must be {allowed}, got {value}")
+    if name == "lbw_presets":
+        parse_presets(value)  # raises naming the line that does not read
 
 
 @dataclass(frozen=True)

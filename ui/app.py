@@ -1,4 +1,4 @@
-"""build_app(session) -> gr.Blocks: Generate, Report, History, PNG info and Preferences tabs, and the model picker.
+"""build_app(session) -> gr.Blocks: Generate, Grid, Report, History, PNG info, Preferences tabs; the model picker.
 
 Each tab lives in its own module and is wired here. Engine errors become `gr.Error`
 in one place (ui/errors.py). A gr.Timer refreshes the status line (busy/idle, queue,
@@ -15,6 +15,7 @@ import gradio as gr
 from studio.session import Session
 from ui.access import ServerInfo, is_local, owner_of
 from ui.generate_tab import GPU, build_generate_tab, wire_generate_tab
+from ui.grid_tab import build_grid_tab, wire_grid_tab
 from ui.history_tab import build_history_tab, wire_history_tab
 from ui.model_picker import build_model_picker, wire_model_picker
 from ui.png_info import build_png_info_tab, wire_png_info
@@ -82,6 +83,8 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 gen = build_generate_tab(session)
+            with gr.Tab("Grid", id="grid"):
+                grid = build_grid_tab(session)
             with gr.Tab("Report", id="report") as report_tab:
                 report = build_report_panel(session)
             with gr.Tab("History", id="history") as history_tab:
@@ -107,6 +110,7 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
         presets = size_presets(session.native_size)
         wire_png_info(png, gen, tabs, "generate", presets)
         wire_history_tab(history, session, server, gen, tabs, history_tab, "generate", presets)
+        wire_grid_tab(grid, gen, session, server)
         wire_preferences(prefs, session, server, Followers({"default_steps": gen.steps, "default_cfg": gen.cfg},
                                                            model_line, header))
         prefs_tab.select(lambda: render_unpatch_costs(list(session.history)), None, prefs.unpatch_costs, **quiet)

@@ -29,6 +29,7 @@ from ui.errors import engine_call
 from ui.jobs import accepted_at, waiting_events
 from ui.lora_panel import LoraPanel, build_lora_panel
 from ui.lora_sync import Row, rows_from_prompt, stack_of, strip_tags
+from ui.scrub import ScrubForm
 from ui.progress import BatchProgress
 from ui.report_view import summary_line
 from ui.sizes import CUSTOM, preset_for, size_presets
@@ -142,7 +143,7 @@ def build_generate_tab(session: Session) -> GenerateTab:
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 halt = gr.Button("Stop", variant="stop", elem_id="stop")
             stop_note = gr.Markdown(elem_id="stop-note")
-            loras = build_lora_panel(session, prompt)
+            loras = build_lora_panel(session, prompt, ScrubForm(negative, seed, cfg, width, height, sampler))
         with gr.Column(scale=2):
             preview = gr.Image(label="Live preview", type="pil", interactive=False, visible=False, height=280,
                                buttons=[], elem_id="live-preview")

@@ -18,7 +18,7 @@ APPLIES_BADGE = {Applies.NOW: "⚡ applies now", Applies.MODEL_RELOAD: "⟳ appl
                  Applies.RESTART: "⚙ needs a restart"}
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Model and files": ("model", "vae", "model_dirs", "device", "precision", "outputs_dir"),
-    "LoRAs": ("lora_dirs", "lora_mode", "unpatch_lora_by_vram_offload", "lora_cache_mb"),
+    "LoRAs": ("lora_dirs", "lora_mode", "unpatch_lora_by_vram_offload", "lora_cache_mb", "lbw_presets"),
     "Memory": ("memory_mode", "stream_lookahead", "fp8_storage", "ram_limit_mb", "vram_limit_mb",
                "working_memory_mb"),
     "Generation defaults": ("default_steps", "default_cfg", "live_preview"),
@@ -27,6 +27,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 SECRET_FIELDS = frozenset({"auth_password"})
 PATH_FIELDS = frozenset({"model", "vae", "model_dirs", "lora_dirs", "outputs_dir"})
 HIDDEN_PATH = "(a folder on the computer running LoRA Studio)"
+MULTILINE_FIELDS = {"lbw_presets": "MYSTYLE:1,0,0,1,1,1,1,1,1,0,0,0"}
 
 
 def info_for(name: str) -> SettingInfo:
@@ -83,6 +84,8 @@ def make_widget(name: str) -> gr.components.Component:
         return gr.Number(**common)
     if isinstance(default, tuple):
         return gr.Textbox(lines=2, placeholder="one folder per line", **common)
+    if name in MULTILINE_FIELDS:
+        return gr.Textbox(lines=3, placeholder=MULTILINE_FIELDS[name], **common)
     return gr.Textbox(type="password" if name in SECRET_FIELDS else "text", **common)
 
 
