@@ -1,16 +1,26 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    - create .venv, install, start the app on the embedded tiny model
 #   make test   - create .venv, install with test extras (+ Debian chromium when possible), run the tests
+# TORCH picks the PyTorch build (tools/install_torch.py): auto (default) = the CPU build from PyTorch's
+# CPU index where no NVIDIA GPU is present, the CUDA build where one is; TORCH=cpu / TORCH=cuda force
+# either. A torch already in .venv that fits is kept.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+TORCH ?= auto
 
 .PHONY: run test install install-test browser clean screenshots gpu-wheels
 
-$(VENV)/.installed: pyproject.toml
+# One stamp per TORCH value, so that `make run TORCH=cuda` after a CPU install looks again.
+$(VENV)/.torch-$(TORCH): tools/install_torch.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) tools/install_torch.py --torch $(TORCH)
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch-$(TORCH)
 	$(PY) -m pip install -q -e .
 	touch $@
 
@@ -33,7 +43,7 @@ test: install-test browser
 # Refresh the README's screenshots from the real-browser tests.
 screenshots: install-test browser
 	LORA_STUDIO_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q tests/ui/test_browser.py tests/ui/test_lora_browser.py \
-		tests/ui/test_newcomer_browser.py
+		tests/ui/test_newcomer_browser.py tests/ui/test_grid_browser.py
 
 # The packages the GPU machine's image lacks, as wheels for scripts/gpu_check.sh (carried as .whl).
 gpu-wheels:

@@ -5,6 +5,7 @@
     python launch.py --model sdxl.safetensors --port 7861 --no-browser
     python launch.py generate --prompt "a cat" --seed 1 --out a.png
     python launch.py generate --jobs jobs.jsonl --out-dir out/
+    python launch.py grid --prompt "a cat" --seed 1 --x "lora:demo-kohya-warm=0,0.5,1" --out-dir grid/
 """
 
 from __future__ import annotations

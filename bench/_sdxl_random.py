@@ -90,19 +90,32 @@ def _fill_(component: str, module: nn.Module, pool: _Pool) -> None:
                 b.zero_()
 
 
-def build_sdxl(dtype: torch.dtype, device: torch.device) -> BenchModel:
-    """Real-size SDXL UNet/TE1/TE2 (2.57 B + 123 M + 695 M params) plus a tiny VAE, no download."""
+# Reduced: SDXL's widths and module names, fewer transformer layers (1, 1, 2 instead of 1, 2, 10) and
+# 4-layer text encoders: 240 kohya modules instead of 986, every one of a shape full SDXL has, so
+# per-layer costs are SDXL's; it fits three peers' copies of model and LoRAs in fp32 on 24 GB.
+REDUCED_UNET = {**SDXL_UNET, "transformer_layers_per_block": [1, 1, 2]}
+REDUCED_TE1 = {**SDXL_TE1, "num_hidden_layers": 4}
+REDUCED_TE2 = {**SDXL_TE2, "num_hidden_layers": 4}
+
+
+def build_sdxl(dtype: torch.dtype, device: torch.device, reduced: bool = False) -> BenchModel:
+    """Real-size SDXL UNet/TE1/TE2 (2.57 B + 123 M + 695 M params) plus a tiny VAE, no download.
+
+    `reduced`: the SDXL-shaped reduced model above (0.85 B + 66 M + 144 M params; 240 kohya targets
+    holding 597 M weights).
+    """
     import time
 
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from diffusers import UNet2DConditionModel
 
+    unet, te1, te2 = (REDUCED_UNET, REDUCED_TE1, REDUCED_TE2) if reduced else (SDXL_UNET, SDXL_TE1, SDXL_TE2)
     t0 = time.perf_counter()
     with torch.device("meta"):
-        models = {"unet": UNet2DConditionModel(**SDXL_UNET),
-                  "text_encoder": CLIPTextModel(CLIPTextConfig(**SDXL_TE1)),
-                  "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TE2))}
+        models = {"unet": UNet2DConditionModel(**unet),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig(**te1)),
+                  "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**te2))}
     longest = max(p.numel() for m in models.values() for p in m.parameters())
     pool = _Pool(max(longest + (1 << 20), MIN_POOL), dtype, device)
     for component, model in models.items():
@@ -121,7 +134,8 @@ def build_sdxl(dtype: torch.dtype, device: torch.device) -> BenchModel:
 
     # On CPU the pool stands in for the model cache's pristine RAM copy (DESIGN.md 3): it saves the
     # 5.9 GB the patcher would otherwise snapshot. On CUDA the patcher snapshots to pinned RAM itself.
-    return BenchModel(pipe, models, pristine, lambda c, m: WEIGHT_STD, "SDXL-shaped random weights",
+    label = "reduced SDXL-shaped random weights" if reduced else "SDXL-shaped random weights"
+    return BenchModel(pipe, models, pristine, lambda c, m: WEIGHT_STD, label,
                       time.perf_counter() - t0, pristine if device.type == "cpu" else None, integrity)
 
 

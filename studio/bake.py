@@ -27,7 +27,7 @@ from torch import nn
 from studio.choices import LoraMode
 from studio.errors import InputError, OutOfMemory, StudioError
 from studio.lora.base import LoraFile
-from studio.lora.patcher import LoraPatcher, PatcherSettings, Stack
+from studio.lora.patcher import LoraPatcher, PatcherSettings, Stack, Weight
 from studio.phases import LORA_TARGETS
 
 if TYPE_CHECKING:
@@ -79,11 +79,21 @@ def _check_pipeline(components: dict[str, nn.Module]) -> None:
                              "unload them (pipe.unload_lora_weights()) before baking")
 
 
-def _stack_record(stack: Sequence[tuple[LoraFile, float]]) -> list[dict[str, object]]:
-    return [{"name": lora.name, "file": str(lora.path), "short_hash": lora.short_hash, "weight": float(w)}
+def _stack_record(stack: Stack) -> list[dict[str, object]]:
+    return [{"name": lora.name, "file": str(lora.path), "short_hash": lora.short_hash, **_weight_record(w)}
             for lora, w in stack]
 
 
+def _weight_record(w: Weight) -> dict[str, object]:
+    """A float weight, or what per-layer (block) weights were: te, unet and the 20 block values."""
+    if isinstance(w, float):
+        return {"weight": w}
+    return {"weight": getattr(w, "te", None), "unet": getattr(w, "unet", None),
+            "blocks": list(getattr(w, "blocks", None) or [])}
+
+
+def _nonzero(lora: LoraFile, w: Weight) -> list:
+    return [p for p in lora.patches if (w if isinstance(w, float) else w.of(p)) != 0.0]
 def _user_umask() -> int:
     """The process umask (reading it means setting it: put straight back)."""
     mask = os.umask(0o022)
@@ -104,7 +114,7 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def bake(pipe: StableDiffusionXLPipeline, stack: Sequence[tuple[LoraFile, float]], out_dir: Path,
+def bake(pipe: StableDiffusionXLPipeline, stack: Stack, out_dir: Path,
          single_file: Path | None = None, *, patchers: Sequence[LoraPatcher] = (),
          pristine_source: PristineSource | None = None) -> BakeResult:
     """Write `pipe` with `stack` merged as a diffusers folder (+ a single file), then restore `pipe` exactly.
@@ -120,7 +130,7 @@ def bake(pipe: StableDiffusionXLPipeline, stack: Sequence[tuple[LoraFile, float]
     t0 = time.perf_counter()
     out_dir = Path(out_dir).expanduser()
     single_file = Path(single_file).expanduser() if single_file is not None else None
-    stack = [(lora, float(w)) for lora, w in stack]
+    stack = [(lora, w if hasattr(w, "of") else float(w)) for lora, w in stack]
     _check_target(out_dir, single_file)
     components = _components(pipe)
     _check_pipeline(components)
@@ -170,7 +180,7 @@ def bake(pipe: StableDiffusionXLPipeline, stack: Sequence[tuple[LoraFile, float]
     finally:
         _restore(active, own, previous)
     bytes_written = _folder_bytes(out_dir) + (single_file.stat().st_size if single_file and not inside else 0)
-    modules = len({(p.component, p.module) for lora, w in stack if w != 0.0 for p in lora.patches})
+    modules = len({(p.component, p.module) for lora, w in stack for p in _nonzero(lora, w)})
     result = BakeResult(out_dir, single_file, _stack_record(stack), modules, bytes_written, time.perf_counter() - t0)
     log.info("baked %d LoRA(s) into %s (%d layers, %.1f MB) in %.1f s", len(stack), out_dir, modules,
              bytes_written / 1e6, result.seconds)

@@ -16,7 +16,7 @@ class Device(StrEnum):
 
 
 class Precision(StrEnum):
-    AUTO = "auto"  # fp16 on CUDA; on the CPU from what it runs fast (studio.runtime)
+    AUTO = "auto"  # fp16 on CUDA; on the CPU bf16 only with native bf16 a probe confirms, else fp32 (studio.cpu_probe)
     FP32 = "fp32"
     BF16 = "bf16"
     FP16 = "fp16"

@@ -1,4 +1,4 @@
-"""Headless command line: `generate` (one image or a jobs file) in one warm session.
+"""Headless command line: `generate` (one image or a jobs file), `grid` (X/Y/Z) and `bake`, in one warm session.
 
 `launch.py` adds the UI on top; this module never imports gradio. Errors print one
 line on stderr and exit non-zero; `--debug` shows the traceback.
@@ -29,22 +29,46 @@ def add_common_options(parser: argparse.ArgumentParser, suppress: bool = False) 
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs", **default)
 
 
-def lora_arg(text: str) -> tuple[str, float]:
-    """NAME_OR_PATH[:WEIGHT] -> (name, weight); the weight defaults to 1."""
-    name, sep, weight = text.rpartition(":")
-    if sep:
-        try:
-            return name, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
+def lora_arg(text: str) -> tuple:
+    """NAME_OR_PATH[:WEIGHT[:UNET][:lbw=..][:start=..][:stop=..]] -> a request entry; the weight defaults to 1.
+
+    The same arguments as a prompt tag (studio.lora.spec): `--lora "name:1:lbw=INS"`. The name
+    ends before the first part that is a number or a key=value (so a path may hold colons).
+    """
+    from studio.errors import SettingsError
+    from studio.lora.spec import NUMBER, parse_args
+
+    parts = text.split(":")
+    cut = next((i for i in range(1, len(parts)) if NUMBER.fullmatch(parts[i].strip()) or "=" in parts[i]),
+               len(parts))
+    try:
+        return parse_args(":".join(parts[:cut]), parts[cut:]).entry()
+    except SettingsError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_lora_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="NAME_OR_PATH:WEIGHT",
-                        help="apply a LoRA (repeatable); a name is looked up in the LoRA folders")
+                        help="apply a LoRA (repeatable); a name is looked up in the LoRA folders. The prompt "
+                             "tag's arguments work too: NAME:TE:UNET, NAME:1:lbw=INS (block weights), "
+                             "NAME:1:start=5:stop=0.5 (step range)")
     parser.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                         help="also look for LoRAs in DIR (repeatable; added to the settings' folders)")
+
+
+def add_request_options(parser: argparse.ArgumentParser) -> None:
+    """The flags that describe one image (generate, and the base request of a grid)."""
+    parser.add_argument("--prompt", help="the prompt (required unless --jobs)")
+    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: settings, 20)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance scale (default: settings, 5)")
+    parser.add_argument("--width", type=int, default=0, help="width, multiple of 8 (default: the model's native size)")
+    parser.add_argument("--height", type=int, default=0, help="height, multiple of 8 (default: native size)")
+    parser.add_argument("--sampler", default="Euler",
+                        help="Euler, 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras', DDIM, UniPC")
+    add_lora_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,21 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate headless and print a short report",
                          description="Generate one image, or every line of a jobs file in one warm session.")
     add_common_options(gen, suppress=True)
-    gen.add_argument("--prompt", help="the prompt (required unless --jobs)")
-    gen.add_argument("--negative", default="", help="negative prompt")
-    gen.add_argument("--seed", type=int, default=-1, help="seed; -1 picks a random one (default)")
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: settings, 20)")
-    gen.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: settings, 5)")
-    gen.add_argument("--width", type=int, default=0, help="width, multiple of 8 (default: the model's native size)")
-    gen.add_argument("--height", type=int, default=0, help="height, multiple of 8 (default: native size)")
-    gen.add_argument("--sampler", default="Euler", help="Euler, 'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras', DDIM, UniPC")
-    add_lora_options(gen)
+    add_request_options(gen)
     gen.add_argument("--out", type=Path, help="write the PNG here (default: the outputs folder)")
     gen.add_argument("--report", type=Path, help="write the report JSON here")
     gen.add_argument("--jobs", type=Path, help="a JSONL file: one request object per line "
                                                "(keys: prompt, negative, seed, steps, cfg, width, height, sampler, "
-                                               "loras: [[name, weight], ...]; <lora:name:weight> tags work too)")
+                                               "loras: [[name, weight], [name, weight, \"lbw=INS:stop=10\"], "
+                                               "...]; <lora:name:weight> tags work too)")
     gen.add_argument("--out-dir", type=Path, help="with --jobs: write NNNN.png and NNNN.json here")
+    grid = sub.add_parser("grid", help="an X/Y/Z grid: one image per combination of axis values, and grid.png",
+                          description="Generate every combination of up to three axes (A1111's X/Y/Z plot), in "
+                                      "the order that changes the fewest LoRA weights. Axes: lora:NAME=w1,w2 "
+                                      "(weights), lbw:NAME=INS,OUTD,\"1,0,...\" (block weights), seed=, steps=, "
+                                      "cfg=, sampler=, prompt_sr=search,repl1,... , size=WxH,..., "
+                                      "stack=\"<lora:a:1>\",\"\" (whole stacks).")
+    add_common_options(grid, suppress=True)
+    add_request_options(grid)
+    for axis in ("x", "y", "z"):
+        grid.add_argument(f"--{axis}", metavar="AXIS", help=f"the {axis} axis, e.g. \"lora:demo-kohya-warm=0,0.5,1\"")
+    grid.add_argument("--out-dir", type=Path, required=True,
+                      help="write cell-x*-y*-z*.png, grid.png and grid.json here")
     bake = sub.add_parser("bake", help="write the model with a LoRA stack merged in, as a diffusers folder",
                           description="Merge LoRAs into the model's weights (exactly as generation applies them) "
                                       "and write a diffusers folder that loads back as a model.")
@@ -109,7 +138,8 @@ def _request_from_args(args: argparse.Namespace, settings):
     if not args.prompt:
         from studio.errors import SettingsError
 
-        raise SettingsError("generate needs --prompt TEXT (or --jobs FILE.jsonl)")
+        jobs = " (or --jobs FILE.jsonl)" if args.command == "generate" else ""
+        raise SettingsError(f"{args.command} needs --prompt TEXT{jobs}")
     return GenerationRequest(prompt=args.prompt, negative=args.negative, seed=args.seed,
                              steps=args.steps if args.steps is not None else settings.default_steps,
                              cfg=args.cfg if args.cfg is not None else settings.default_cfg,
@@ -147,7 +177,7 @@ def _read_jobs(path: Path, session) -> list:
             continue
         data = {"steps": settings.default_steps, "cfg": settings.default_cfg, **data}
         try:
-            jobs.append(session.prepare(GenerationRequest.from_dict(data)))
+            jobs.append(session.prepare(GenerationRequest.from_dict(data), allow_paths=True))  # local: paths too
         except StudioError as err:
             problems.append(f"{path.name} line {number}: {err}")
     if problems:
@@ -174,7 +204,7 @@ def run_generate(args: argparse.Namespace) -> int:
             print("  " + result.report.summary().replace("\n", "\n  "))
         return 0
     request = _request_from_args(args, session.settings)
-    result = session.generate(request, out_path=args.out)
+    result = session.generate(request, out_path=args.out, allow_paths=True)  # the local command line: paths too
     if args.report:
         result.report.write_json(args.report)
     print(f"{result.paths[0]}  seed {result.seeds[0]}")
@@ -182,10 +212,34 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_grid_command(args: argparse.Namespace) -> int:
+    from studio.grid import parse_axis, plan_grid, run_grid, summary
+
+    from studio.errors import SettingsError
+
+    axes = [parse_axis(text) if text else None for text in (args.x, args.y, args.z)]  # bad input: before the model
+    if not any(axes):
+        raise SettingsError("grid needs at least one axis: --x \"lora:NAME=0,0.5,1\" (and --y, --z)")
+    session = _session(args)
+    plan = plan_grid(session, _request_from_args(args, session.settings), axes)  # every cell checked first
+    shape = "x".join(str(n) for n in plan.shape if n > 1) or "1"
+    print(f"grid {shape}: {len(plan.order)} cells, order: {plan.order_method}")
+
+    def on_cell(index: int, total: int, cell: tuple[int, ...]) -> None:
+        where = ", ".join(f"{n}={a.values[i]}" for n, a, i in zip("xyz", plan.axes, cell) if a is not None)
+        print(f"cell {index}/{total} ({where})", flush=True)
+
+    result = run_grid(session, plan, args.out_dir, on_cell=on_cell)
+    print(f"{result.image}  ({len(result.results)} of {len(plan.order)} cells; {result.json})")
+    print(summary(result))
+    return 0
+
+
 def run_bake(args: argparse.Namespace) -> int:
     session = _session(args)
-    result = session.bake(list(args.lora), args.out, args.single_file)
-    loras = ", ".join(f"{row['name']}:{row['weight']:g}" for row in result.stack)
+    result = session.bake(list(args.lora), args.out, args.single_file, allow_paths=True)
+    loras = ", ".join(f"{row['name']}:{row['weight']:g}" + (" (block weights)" if row.get("blocks") else "")
+                      for row in result.stack)
     print(f"baked {loras} into {result.out_dir} ({result.modules_patched} layers, "
           f"{result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f}s")
     if result.single_file:
@@ -202,6 +256,8 @@ def run(args: argparse.Namespace) -> int:
             return run_generate(args)
         if args.command == "bake":
             return run_bake(args)
+        if args.command == "grid":
+            return run_grid_command(args)
         raise StudioError(f"unknown command {args.command!r}")
     except StudioError as err:
         if args.debug:

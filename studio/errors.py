@@ -7,10 +7,13 @@
     │   └── LoraError              a LoRA file that cannot be applied (format, base model, shapes, NaN)
     ├── ResourceError              the machine ran out of something
     │   └── OutOfMemory            RAM/VRAM exhausted; what could be freed was freed
-    └── Cancelled                  the user stopped the job; partial work was discarded
+    ├── Cancelled                  the user stopped the job; partial work was discarded
+    └── EngineFault                the engine caught its own state going wrong (a bug it detected)
+        └── PristineCorrupted      a weight was written at rest, into its pristine copy: reload the model
 
-The UI turns these into `gr.Error` in exactly one place; the CLI prints `str(err)`
-on stderr and exits non-zero. Anything else is a bug and keeps its traceback.
+The UI turns these into `gr.Error` in exactly one place (ui/errors.py): a refusal logs one
+line, an EngineFault its traceback too; the CLI prints `str(err)` on stderr and exits
+non-zero. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -46,3 +49,11 @@ class OutOfMemory(ResourceError):
 
 class Cancelled(StudioError):
     """The job was stopped by the user."""
+
+
+class EngineFault(StudioError):
+    """The engine noticed a broken invariant of its own (a bug); the message says how to recover."""
+
+
+class PristineCorrupted(EngineFault):
+    """Weights were written while pointing at the pristine copy (a bug: write only under a lock)."""

@@ -22,6 +22,7 @@ from studio.lora.engine import AppliedStack, LoraEngine
 from studio.lora.stack import StackItem
 from studio.models.memory_report import MemoryWatch
 from studio.models.vae_decode import decode_latents, plan_decode
+from studio.outputs import OutputFolder
 from studio.phases import Phase
 from studio.preview import PreviewMeter
 from studio.report import PhaseTimer, Report
@@ -55,10 +56,11 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
 
 
-def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *, timer: PhaseTimer, started: float,
-             token: CancelToken, on_step: StepCallback | None = None,
+def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out: Path | OutputFolder, *, timer: PhaseTimer,
+             started: float, token: CancelToken, on_step: StepCallback | None = None,
              decode_memory: DecodeMemory = DecodeMemory(), preview: bool = False) -> GenerationResult:
-    """Run `job` to a saved PNG at `out_path` and its report. Raises Cancelled, OutOfMemory, LoraError.
+    """Run `job` to a saved PNG and its report: at the path `out`, or under the next free number of the
+    outputs folder (created exclusively when the image is saved). Raises Cancelled, OutOfMemory, LoraError.
 
     `timer` announces each phase as it starts (its `on_enter`); with `preview`, every few steps'
     StepEvent carries a small picture of the latents (warm.preview, fitted when the model loaded).
@@ -66,11 +68,11 @@ def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *,
     request = job.request  # its seed is concrete: the caller chose the file name from it
     width, height = request.width or warm.native_size, request.height or warm.native_size
     report = Report(request=request.to_dict() | {"width": width, "height": height}, model=warm.info.to_dict(),
-                    device=str(warm.runtime.device), dtype=warm.runtime.dtype_name)
+                    device=str(warm.runtime.device), dtype=warm.runtime.dtype_name, dtype_reason=warm.runtime.reason)
     meter = PreviewMeter(preview and warm.preview is not None)
     with MemoryWatch(warm.placement) as watch, torch.inference_mode():
         try:
-            with loras.pinned(job.stack, timer) as applied:
+            with loras.pinned(job.stack, timer, steps=request.steps) as applied:
                 report.lora = applied.report
                 image = render(warm, applied, request, width, height, timer=timer, report=report, token=token,
                                on_step=on_step, decode_memory=decode_memory, meter=meter)
@@ -79,7 +81,11 @@ def generate(warm: WarmPipeline, loras: LoraEngine, job: Job, out_path: Path, *,
                 infotext = format_infotext(request, width=width, height=height, model_name=warm.info.source.name,
                                            model_hash=warm.info.short_hash, lora_hashes=hashes,
                                            version=f"lora-studio {__version__}", vae=warm.info.vae_name)
-                save_png(image, out_path, infotext)
+                if isinstance(out, OutputFolder):
+                    out_path = out.save(request.seed, lambda fh: save_png(image, fh, infotext))
+                else:
+                    out_path = out
+                    save_png(image, out_path, infotext)
         except Cancelled:
             report.status = "cancelled"
             raise
@@ -118,7 +124,11 @@ def render(warm: WarmPipeline, loras: AppliedStack, request: GenerationRequest, 
         if on_step is not None:
             on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1], picture))
         token.raise_if_cancelled()  # lands within one step of the click
-        last[0] = time.perf_counter()  # the next step's time leaves out the preview and the caller's work
+        if index + 1 < request.steps:
+            loras.step(Phase.DENOISE, index + 1)  # a LoRA's start=/stop= switches here, before that step
+        # The next step's time leaves out the preview, the caller's work and a step-range switch
+        # (reported on its own, in the report's step_switches).
+        last[0] = time.perf_counter()
         return kwargs
 
     with warm.phase(Phase.DENOISE, loras):

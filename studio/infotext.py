@@ -3,7 +3,9 @@
 Layout (A1111 `create_infotext`): the prompt, then `Negative prompt: ...`, then one
 line of comma-separated `Key: value` pairs, values quoted when they hold a comma,
 colon or quote. LoRAs appear as `<lora:name:weight>` in the prompt and in
-`Lora hashes: "name: 0123456789ab, ..."` (A1111's Lora extension format).
+`Lora hashes: "name: 0123456789ab, ..."` (A1111's Lora extension format). A LoRA with
+more than a weight keeps all of it in its tag (`<lora:name:1:0.5:lbw=INS:stop=10>`, the
+syntax of studio.lora.spec), so PNG info gives back the same request.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 
 from studio.errors import SettingsError
+from studio.lora.spec import spec_of, split_tags
 from studio.request import GenerationRequest
 
 PNG_KEY = "parameters"
 _PAIR = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-_LORA_TAG = re.compile(r"<lora:([^:>]+):([-+]?\d*\.?\d+)(?::[-+]?\d*\.?\d+)?>")
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def _quote(value: str) -> str:
 def format_infotext(request: GenerationRequest, *, width: int, height: int, model_name: str, model_hash: str,
                     lora_hashes: dict[str, str] | None = None, version: str = "", vae: str = "") -> str:
     """The `parameters` text for one image; `request.seed` must be the concrete seed used."""
-    prompt = request.prompt + "".join(f" <lora:{name}:{weight:g}>" for name, weight in request.loras)
+    prompt = request.prompt + "".join(f" {spec_of(entry).tag()}" for entry in request.loras)
     params = {
         "Steps": str(request.steps),
         "Sampler": request.sampler,
@@ -98,18 +101,20 @@ def parse_infotext(text: str) -> Infotext:
                     params=params)
 
 
-def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """Remove `<lora:name:weight>` tags from the prompt and return them in order."""
-    loras = [(m.group(1).strip(), float(m.group(2))) for m in _LORA_TAG.finditer(prompt)]
-    text = _LORA_TAG.sub("", prompt)
-    return re.sub(r"[ \t]{2,}", " ", text).strip(), loras
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple]]:
+    """Remove `<lora:...>` tags from the prompt and return them in order, as request entries
+    ((name, weight) or (name, weight, options)). A tag that does not parse raises SettingsError."""
+    text, specs = split_tags(prompt)
+    return text, [spec.entry() for spec in specs]
 
 
-def save_png(image: Image.Image, path: Path, infotext: str) -> None:
-    """Write the PNG with its `parameters` chunk (deterministic bytes for the same pixels/text)."""
+def save_png(image: Image.Image, path: Path | BinaryIO, infotext: str) -> None:
+    """Write the PNG with its `parameters` chunk (deterministic bytes for the same pixels/text), to a
+    path or into an open file (the outputs folder creates its files exclusively)."""
     info = PngImagePlugin.PngInfo()
     info.add_text(PNG_KEY, infotext)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(path, Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG", pnginfo=info)
 
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import weakref
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from studio.errors import SettingsError
+from studio.lora.spec import check_weight, spec_of
 from studio.samplers import check_sampler
 
 MAX_SEED = 2**32 - 1
-MAX_LORA_WEIGHT = 4.0
+# SDXL's text encoders read 77 tokens (diffusers' encode_prompt truncates the rest); A1111 chunks
+# longer prompts in 75-token pieces, so its users write more. 8,000 characters is ~2,000 tokens,
+# far past any prompt that helps; a 1 MB prompt took 27 s and 340 MB, stored whole in the PNG.
+MAX_PROMPT_CHARS = 8_000
 # One size limit for the UI's sliders, its API and the CLI (A1111's too): SDXL was trained near one
 # megapixel, and a 2048 x 2048 decode already needs ~9 GB of working memory in fp16.
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 64, 2048, 8
@@ -28,9 +33,12 @@ def size_message(name: str, value: object) -> str:
 
 
 def check_lora_weight(name: str, weight: float) -> float:
-    if not -MAX_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
-        raise SettingsError(f"LoRA `{name}` weight must be between -4 and 4, got {weight}")
-    return weight
+    return check_weight(name, weight)
+
+
+def check_loras(loras) -> tuple[tuple, ...]:
+    """Every entry (name, weight) or (name, weight, options) checked, in its canonical form."""
+    return tuple(spec_of(entry).entry() for entry in loras)
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,9 @@ class GenerationRequest:
     width: int = 0  # 0: the model's native size
     height: int = 0
     sampler: str = "Euler"
-    loras: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    # (name, weight) or (name, weight, options): options is the canonical `unet=..:lbw=..:start=..:stop=..`
+    # text of studio.lora.spec, so a request stays plain JSON
+    loras: tuple[tuple, ...] = field(default_factory=tuple)
 
     def validated(self) -> GenerationRequest:
         """Raise SettingsError naming the field, the value received and what is allowed.
@@ -52,8 +62,14 @@ class GenerationRequest:
         """
         if _is_checked(self):
             return self
-        if not isinstance(self.prompt, str):
-            raise SettingsError(f"`prompt` must be text, got {self.prompt!r}")
+        check_text("prompt", self.prompt)
+        check_text("negative", self.negative)
+        for name in ("seed", "steps", "width", "height"):
+            check_whole(name, getattr(self, name))
+        if isinstance(self.cfg, bool) or not isinstance(self.cfg, (int, float)):
+            raise SettingsError(f"`cfg` must be a number, got {self.cfg!r}")
+        if not isinstance(self.sampler, str):
+            raise SettingsError(f"`sampler` must be text, got {self.sampler!r}")
         if not -1 <= self.seed <= MAX_SEED:
             raise SettingsError(f"`seed` must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
         if not 1 <= self.steps <= 200:
@@ -65,8 +81,7 @@ class GenerationRequest:
             if value != 0 and (not MIN_SIDE <= value <= MAX_SIDE or value % SIDE_STEP):
                 raise SettingsError(size_message(name, value))
         check_sampler(self.sampler)
-        for name, weight in self.loras:
-            check_lora_weight(name, weight)
+        check_loras(self.loras)
         _CHECKED.add(self)
         return self
 
@@ -82,11 +97,9 @@ class GenerationRequest:
             raise SettingsError(f"`seed` must be between 0 and {MAX_SEED}, got {seed}")
         return self._checked_copy(seed=seed)
 
-    def with_stack(self, prompt: str, loras: tuple[tuple[str, float], ...]) -> GenerationRequest:
+    def with_stack(self, prompt: str, loras: tuple[tuple, ...]) -> GenerationRequest:
         """The prompt without its `<lora:...>` tags and the resolved stack (its weights checked here)."""
-        for name, weight in loras:
-            check_lora_weight(name, weight)
-        return self._checked_copy(prompt=prompt, loras=loras)
+        return self._checked_copy(prompt=prompt, loras=check_loras(loras))
 
     def _checked_copy(self, **changes: Any) -> GenerationRequest:
         copy = replace(self, **changes)
@@ -111,10 +124,42 @@ class GenerationRequest:
             for key, kind in (("seed", int), ("steps", int), ("width", int), ("height", int), ("cfg", float)):
                 if key in values:
                     values[key] = _number(key, values[key], kind)
-            values["loras"] = tuple((str(n), float(w)) for n, w in values.get("loras", ()))
+            loras = values.get("loras", ())
+            if isinstance(loras, (str, bytes)) or not all(isinstance(e, (list, tuple)) for e in loras):
+                raise TypeError(f"got {loras!r}")
+            values["loras"] = check_loras(loras)
         except (TypeError, ValueError) as err:
-            raise SettingsError(f"`loras` must be a list of [name, weight] pairs ({err})") from None
+            raise SettingsError(f"`loras` must be a list of [name, weight] or [name, weight, options] "
+                                f"({err})") from None
         return cls(**values).validated()
+
+
+def check_text(name: str, value: Any) -> str:
+    """A prompt field: text of at most MAX_PROMPT_CHARS characters."""
+    if not isinstance(value, str):
+        raise SettingsError(f"`{name}` must be text, got {value!r}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise SettingsError(f"`{name}` is {len(value):,} characters long; the limit is {MAX_PROMPT_CHARS:,} "
+                            "(SDXL reads the first 77 tokens, about 300 characters)")
+    return value
+
+
+def check_whole(name: str, value: Any) -> int:
+    """An int field holds an int: 2.5 steps would silently run 2 (issue 11)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingsError(f"`{name}` must be a whole number, got {value!r}")
+    return value
+
+
+def whole_number(name: str, value: Any) -> int:
+    """What a form or an API sends for an int field (20, 20.0, "20") as an int; anything else is
+    refused with the field's name: 2.5, NaN, inf, "abc", true. Never rounded (issue 11)."""
+    return int(_number(name, value, int))
+
+
+def real_number(name: str, value: Any) -> float:
+    """A finite float from a form or an API value; NaN, inf, "abc" and true are refused by name."""
+    return float(_number(name, value, float))
 
 
 def _is_checked(request: GenerationRequest) -> bool:
@@ -130,15 +175,16 @@ def _mark_checked(request: GenerationRequest) -> GenerationRequest:
 
 
 def _number(key: str, value: Any, kind: type) -> int | float:
+    what = "a whole number" if kind is int else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SettingsError(f"`{key}` must be a number, got {value!r}")
+        raise SettingsError(f"`{key}` must be {what}, got {value!r}")
+    if isinstance(value, int):
+        return value
     try:
         number = float(value)
     except ValueError:
-        raise SettingsError(f"`{key}` must be a number, got {value!r}") from None
-    if kind is int:
-        if number != int(number):
-            raise SettingsError(f"`{key}` must be a whole number, got {value!r}")
-        return int(number)
-    return number
+        raise SettingsError(f"`{key}` must be {what}, got {value!r}") from None
+    if not math.isfinite(number) or (kind is int and not number.is_integer()):
+        raise SettingsError(f"`{key}` must be {what}, got {value!r}")
+    return int(number) if kind is int else number
 

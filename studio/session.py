@@ -8,6 +8,7 @@ and the settings; one generation itself is `studio.generation`'s, one phase step
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +19,14 @@ from studio.errors import SettingsError
 from studio.generation import DecodeMemory, GenerationResult, Job, generate
 from studio.history import ReportHistory
 from studio.jobs import CancelToken, JobSlot, StepCallback, StepEvent
+from studio.lora.block_weights import parse_presets
 from studio.lora.engine import LoraEngine, patcher_settings
-from studio.lora.stack import resolve_stack, search_dirs
+from studio.lora.stack import StackItem, resolve_stack, search_dirs
 from studio.memory import release_freed_memory, rss_bytes
 from studio.models.architectures import SDXL_DEFAULT_SIZE
 from studio.models.budget import Budgets, measure_budgets, oom_guard
 from studio.models.loader import resolve_source
-from studio.outputs import next_output_path
+from studio.outputs import OutputFolder, choose_outputs
 from studio.paths import AppDirs, app_dirs
 from studio.phases import Phase
 from studio.preview import cached_projection
@@ -35,6 +37,7 @@ from studio.settings import SETTING_INFO, Applies, Settings
 from studio.warm_pipeline import LoadProgress, ModelInfo, WarmPipeline, load_warm_pipeline
 
 log = logging.getLogger(__name__)
+_BUDGET_FIELDS = frozenset({"ram_limit_mb", "vram_limit_mb", "working_memory_mb"})
 
 
 class Session:
@@ -43,13 +46,34 @@ class Session:
     def __init__(self, settings: Settings | None = None, dirs: AppDirs | None = None) -> None:
         self.settings = settings or Settings()
         self.dirs = dirs or app_dirs()
-        self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision)
+        self.runtime: Runtime = resolve_runtime(self.settings.device, self.settings.precision, self.dirs.cache)
         self._slot = JobSlot()
         self._warm: WarmPipeline | None = None
         # the last reports, oldest first; kept on disk, so the charts survive a restart
         self.history = ReportHistory(self.dirs.data / "reports.jsonl")
         self.loras = LoraEngine(self.settings.lora_cache_mb,
                                 patcher_settings(self.settings.lora_mode, self.settings.unpatch_lora_by_vram_offload))
+        # What the person at this computer should know about this run (a setting that fell back):
+        # logged when it happens, and shown on the status line to local visitors only (paths).
+        self.notices: list[str] = []
+        self._outputs: Path | None = None
+        self._outputs_lock = threading.Lock()
+
+    @property
+    def outputs_root(self) -> Path:
+        """The folder images are saved in (the outputs_dir setting, else the per-user data folder),
+        chosen (and created) once: `outputs_dir` needs a restart.
+
+        A refused or uncreatable `outputs_dir` falls back to the default folder with a notice.
+        """
+        with self._outputs_lock:
+            if self._outputs is None:
+                s = self.settings
+                self._outputs, notice = choose_outputs(s.outputs_dir, self.dirs, model=s.model, lora_dirs=s.lora_dirs,
+                                                       model_dirs=s.model_dirs, vae=s.vae)
+                if notice:
+                    self.notices.append(notice)
+            return self._outputs
 
     # ---- settings ------------------------------------------------------------------------
 
@@ -64,13 +88,15 @@ class Session:
         settings = settings.validated()
         changed = {name: SETTING_INFO[name].applies for name in SETTING_INFO
                    if getattr(settings, name) != getattr(self.settings, name)}
-        runtime = resolve_runtime(settings.device, settings.precision)  # raises before anything changes
+        runtime = resolve_runtime(settings.device, settings.precision, self.dirs.cache)  # raises first
         keep = {name: getattr(self.settings, name) for name, applies in changed.items() if applies is Applies.RESTART}
         live = settings.replace(**keep) if keep else settings
         lora_settings = patcher_settings(live.lora_mode, live.unpatch_lora_by_vram_offload)
         if not any(applies is Applies.MODEL_RELOAD for applies in changed.values()):
             self.settings = live
             self.loras.configure(live.lora_cache_mb, lora_settings)
+            if changed.keys() & _BUDGET_FIELDS:
+                self._apply_budgets()
             return changed
         with self._slot.exclusive():
             self.settings = live
@@ -90,12 +116,6 @@ class Session:
     def warm(self) -> WarmPipeline | None:
         """The loaded pipeline (None until the first generation or `load_model`); read it between jobs."""
         return self._warm
-
-    @property
-    def outputs_root(self) -> Path:
-        """Where PNGs are saved: the outputs_dir setting, else the per-user data folder."""
-        outputs = self.settings.outputs_dir
-        return Path(outputs).expanduser() if outputs else self.dirs.default_outputs
 
     @property
     def native_size(self) -> int:
@@ -130,7 +150,11 @@ class Session:
         if self.settings.live_preview:
             if on_progress is not None:
                 on_progress("preview", None)
+            start = time.perf_counter()
             self._fit_preview(warm)
+            took = time.perf_counter() - start  # part of the load, so model_load is the sum of load_parts
+            warm.info = replace(warm.info, load_seconds=warm.info.load_seconds + took,
+                                load_parts=warm.info.load_parts | {"preview": took})
         return warm
 
     def _fit_preview(self, warm: WarmPipeline) -> None:
@@ -155,19 +179,38 @@ class Session:
 
     def _budgets(self) -> Budgets:
         s = self.settings
-        held = self._warm.cache.used(self.runtime.device) if self._warm is not None else 0
+        warm = self._warm
+        held_ram = warm.cache.used("cpu") if warm is not None else 0
+        held_vram = warm.cache.used(self.runtime.device) if warm is not None and self.runtime.device.type != "cpu" \
+            else 0
         return measure_budgets(self.runtime.device, ram_limit_mb=s.ram_limit_mb, vram_limit_mb=s.vram_limit_mb,
-                               working_memory_mb=s.working_memory_mb, held_vram=held)
+                               working_memory_mb=s.working_memory_mb, held_ram=held_ram, held_vram=held_vram)
+
+    def _apply_budgets(self) -> None:
+        """RAM/VRAM limits and the working reserve are "now" settings: the model cache takes its new
+        budgets at once, dropping what no longer fits and is not in use (a running phase's weights
+        are locked, so they stay). The memory mode chosen from the budgets at load stays until the
+        model reloads."""
+        warm = self._warm
+        if warm is not None:
+            budgets = self._budgets()
+            warm.cache.set_budgets(budgets.ram or None, budgets.vram or None)
 
     def _unload_locked(self) -> None:
-        """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache."""
+        """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache.
+
+        With no pipeline loaded there is nothing to free, so no gc pass (a full one cost 1.5-1.9 s
+        before the first load on the 2-core machine, issue 9).
+        """
         warm, self._warm = self._warm, None
         try:
             self.loras.unbind()  # restores the weights and forgets parses bound to its layer names
         finally:
             if warm is not None:
-                warm.close()
-            release_freed_memory()
+                try:
+                    warm.close()
+                finally:
+                    release_freed_memory()
 
     def close(self) -> None:
         with self._slot.exclusive():
@@ -179,7 +222,7 @@ class Session:
         slot = self._slot.status()
         model = self.model
         status = {"busy": slot.busy, "waiting": slot.waiting, "progress": slot.progress,
-                  "model": model.to_dict() if model else None, "rss": rss_bytes()}
+                  "model": model.to_dict() if model else None, "rss": rss_bytes(), "notices": list(self.notices)}
         if self.runtime.device.type == "cuda":
             status["cuda_allocated"] = torch.cuda.memory_allocated(self.runtime.device)
             status["cuda_reserved"] = torch.cuda.memory_reserved(self.runtime.device)
@@ -189,31 +232,50 @@ class Session:
         """Stop the running job at its next step; returns whether one was running."""
         return self._slot.cancel_current()
 
-    def prepare(self, request: GenerationRequest) -> Job:
+    def prepare(self, request: GenerationRequest, *, allow_paths: bool = False) -> Job:
         """Move `<lora:...>` prompt tags into the stack, find every LoRA and validate: the one check.
 
         Unknown LoRA names and impossible values fail here, before a model is loaded or a
-        weight touched; the CLI checks a whole jobs file this way first.
+        weight touched; the CLI checks a whole jobs file this way first. A LoRA is a name from
+        the LoRA folders; `allow_paths=True` (the local command line only) also takes a file path.
         """
         request = request.validated()  # returns at once when the caller (the UI's form) already checked it
-        prompt, stack = resolve_stack(request.prompt, request.loras, search_dirs(self.settings.lora_dirs))
-        return Job(request.with_stack(prompt, tuple((item.name, item.weight) for item in stack)), tuple(stack))
+        prompt, stack = resolve_stack(request.prompt, request.loras, search_dirs(self.settings.lora_dirs),
+                                      self.lbw_presets(), allow_paths=allow_paths)
+        return Job(request.with_stack(prompt, tuple(item.entry() for item in stack)), tuple(stack))
+
+    def lora_footprint(self, item: StackItem) -> list[tuple[str, str, int | None, int]]:
+        """(component, module, LBW block, weight bytes) of each layer `item`'s LoRA patches.
+
+        Loads the model and parses the file (kept in the LoRA cache, so the first generation finds
+        it there): a grid plans its order from this before its first cell.
+        """
+        with self._slot.exclusive():
+            self._ensure_model()
+            with self.loras.cache.pin(item.path) as pin:
+                return self.loras.footprint(pin.lora)
+
+    def lbw_presets(self) -> dict[str, tuple[float, ...]]:
+        """The user's block-weight presets (Preferences); the extension's SDXL set is built in."""
+        return parse_presets(self.settings.lbw_presets)
 
     def generate(self, request: GenerationRequest | Job, *, on_step: StepCallback | None = None,
                  on_phase: PhaseCallback | None = None, cancel: CancelToken | None = None,
-                 out_path: Path | None = None) -> GenerationResult:
+                 out_path: Path | None = None, allow_paths: bool = False) -> GenerationResult:
         """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError.
 
+        A request is prepared here (`allow_paths` as in `prepare`); a Job was prepared already.
         `on_phase(name)` hears each phase as it starts (the report's phase names: "model_load",
         "lora_load", "lora_patch", "text_encode", "denoise", "vae_decode", "save", ...);
         `on_step` each denoising step, with a preview picture every few steps when live_preview is on.
         """
-        job = request if isinstance(request, Job) else self.prepare(request)
+        job = request if isinstance(request, Job) else self.prepare(request, allow_paths=allow_paths)
         token = cancel or CancelToken()
         with self._slot.job(token):
             token.raise_if_cancelled()  # stopped while waiting in line
             # Outside every phase and lock, so they unwind (weights back at rest) before it frees memory.
-            with oom_guard(self._warm.cache if self._warm else None, "the generation"):
+            # A callable: a cold start creates the cache inside the guard, and an OOM then must free it.
+            with oom_guard(lambda: self._warm.cache if self._warm else None, "the generation"):
                 result = self._generate_locked(job, on_step, on_phase, token, out_path)
             self.history.append(result.report)
         return result
@@ -230,7 +292,7 @@ class Session:
             with timer.phase("preview_fit"):
                 self._fit_preview(warm)
         job = replace(job, request=job.request.with_seed())
-        path = Path(out_path) if out_path is not None else next_output_path(self.outputs_root, job.request.seed)
+        target = Path(out_path) if out_path is not None else OutputFolder(self.outputs_root)
         budgets = self._budgets() if self.runtime.device.type == "cuda" else None
         memory = DecodeMemory(self.settings.working_memory_mb, budgets.working if budgets else 0)
 
@@ -239,10 +301,11 @@ class Session:
             if on_step is not None:
                 on_step(event)
 
-        return generate(warm, self.loras, job, path, timer=timer, started=started, token=token, on_step=step,
+        return generate(warm, self.loras, job, target, timer=timer, started=started, token=token, on_step=step,
                         decode_memory=memory, preview=preview)
 
-    def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None):
+    def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None, *,
+             allow_paths: bool = False):
         """Write the model with a LoRA stack merged in (diffusers folder, optionally one file too).
 
         Runs between generations with every component on the device; the session's own LoRAs
@@ -250,7 +313,7 @@ class Session:
         """
         from studio.bake import bake
 
-        _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs))
+        _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs), self.lbw_presets(), allow_paths=allow_paths)
         if not stack:
             raise SettingsError("bake needs at least one --lora NAME_OR_PATH:WEIGHT")
         with self._slot.exclusive():
@@ -258,5 +321,4 @@ class Session:
             with self.loras.pinned(stack, PhaseTimer()) as applied, warm.phase(Phase.TEXT_ENCODE), \
                     warm.phase(Phase.DENOISE), warm.phase(Phase.DECODE), torch.inference_mode():
                 self.loras.clear()
-                return bake(warm.pipe, [(pin.lora, item.weight) for item, pin in applied.pinned], out_dir,
-                            single_file)
+                return bake(warm.pipe, applied.full_stack(), out_dir, single_file)

@@ -2,7 +2,8 @@
 
 Writes are atomic (temp file + rename) so a crash never leaves half a file. A file
 that cannot be parsed is moved aside (`settings.toml.corrupt-<time>`) with a warning
-and defaults are used; a single bad value falls back to its default with a warning.
+and defaults are used; a single bad value falls back to its default alone, with a
+warning naming it, and is written back as it was unless the user changes that field.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import tomli_w
 
 from studio.choices import Device, LoraMode, MemoryMode, Precision
 from studio.errors import SettingsError
+from studio.lora.block_weights import parse_presets
 
 log = logging.getLogger(__name__)
+TEMP_PREFIX = ".settings-"  # the atomic write's temp file, beside settings.toml
 
 
 @dataclass(frozen=True)
@@ -53,22 +56,13 @@ class Settings:
     share: bool = False
     auth_user: str = "studio"
     auth_password: str = ""  # empty: generated when a public link is opened
+    lbw_presets: str = ""  # LoRA block-weight presets, `NAME:v1,...,v12` per line (the LBW extension's file format)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def validated(self) -> Settings:
         """Return self or raise SettingsError naming the field, the value and what is allowed."""
-        if not 1 <= self.default_steps <= 200:
-            raise SettingsError(f"`default_steps` must be between 1 and 200, got {self.default_steps}")
-        if not 0.0 <= self.default_cfg <= 30.0:
-            raise SettingsError(f"`default_cfg` must be between 0 and 30, got {self.default_cfg}")
-        if not 0 <= self.port <= 65535:
-            raise SettingsError(f"`port` must be between 0 and 65535, got {self.port}")
-        for name in ("lora_cache_mb", "ram_limit_mb", "vram_limit_mb", "working_memory_mb"):
-            value = getattr(self, name)
-            if not 0 <= value <= 1 << 22:
-                raise SettingsError(f"`{name}` must be between 0 and {1 << 22} (MB), got {value}")
-        if not 1 <= self.stream_lookahead <= 16:
-            raise SettingsError(f"`stream_lookahead` must be between 1 and 16 layers, got {self.stream_lookahead}")
+        for name in field_names():
+            check_field(name, getattr(self, name))
         return self
 
     def replace(self, **changes: Any) -> Settings:
@@ -103,7 +97,8 @@ SETTING_INFO: dict[str, SettingInfo] = {
     "outputs_dir": SettingInfo("Output folder", "where PNGs are saved; empty = the per-user data folder",
                                Applies.RESTART),
     "device": SettingInfo("Device", "auto = CUDA when present", Applies.MODEL_RELOAD),
-    "precision": SettingInfo("Precision", "auto = fp16 on CUDA, bf16 on CPU", Applies.MODEL_RELOAD),
+    "precision": SettingInfo("Precision", "auto = fp16 on CUDA; on a CPU bf16 where it has native bf16 "
+                             "(checked by a short probe), else fp32", Applies.MODEL_RELOAD),
     "lora_mode": SettingInfo("LoRA mode", "merged = full speed; sidecar = instant switching; auto = per layer",
                              Applies.NOW),
     "unpatch_lora_by_vram_offload": SettingInfo(
@@ -128,7 +123,13 @@ SETTING_INFO: dict[str, SettingInfo] = {
     "port": SettingInfo("Port", "local port of the UI", Applies.RESTART),
     "share": SettingInfo("Public link", "share through a Gradio link; login required", Applies.RESTART),
     "auth_user": SettingInfo("Login user", "for the public link", Applies.RESTART),
-    "auth_password": SettingInfo("Login password", "empty = generated and shown locally", Applies.RESTART),
+    "auth_password": SettingInfo("Login password", "never shown once saved: type a new one to replace it, leave "
+                                 "the box empty to keep it; none saved = generated per run, shown locally",
+                                 Applies.RESTART),
+    "lbw_presets": SettingInfo("LoRA block presets",
+                               "one per line, NAME:12 values (BASE IN04 IN05 IN07 IN08 MID OUT0-OUT5) or 20 "
+                               "(LyCORIS); used as <lora:name:1:lbw=NAME>; built in: ALL NONE INS IND INALL MID "
+                               "MIDD OUTD OUTS OUTALL ALL0.5", Applies.NOW),
 }
 
 
@@ -162,28 +163,84 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     return value
 
 
+_MB_LIMIT = 1 << 22
+_RANGES: dict[str, tuple[float, float, str]] = {  # name -> (low, high, what the allowed range is called)
+    "default_steps": (1, 200, "between 1 and 200"),
+    "default_cfg": (0.0, 30.0, "between 0 and 30"),
+    "port": (0, 65535, "between 0 and 65535"),
+    "stream_lookahead": (1, 16, "between 1 and 16 layers"),
+    **{name: (0, _MB_LIMIT, f"between 0 and {_MB_LIMIT} (MB)")
+       for name in ("lora_cache_mb", "ram_limit_mb", "vram_limit_mb", "working_memory_mb")},
+}
+
+
+def check_field(name: str, value: Any) -> None:
+    """Raise SettingsError when one (already typed) value is outside what its field allows.
+
+    Each field is checked alone, so one bad value in the file falls back alone (issue 11).
+    NaN is outside every range (`0 <= nan` is False).
+    """
+    if name in _RANGES:
+        low, high, allowed = _RANGES[name]
+        if not low <= value <= high:
+            raise SettingsError(f"`{name}` must be {allowed}, got {value}")
+    if name == "lbw_presets":
+        parse_presets(value)  # raises naming the line that does not read
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A value from the file that could not be used: what it was, why, and the default used instead."""
+
+    raw: Any
+    reason: str
+    default: Any
+
+    def describe(self) -> str:
+        """E.g. "`default_steps` must be between 1 and 200, got 0; using the default 20"."""
+        default = self.default
+        plain = default.value if isinstance(default, StrEnum) else list(default) if isinstance(default, tuple) \
+            else default
+        return f"{self.reason}; using the default {plain!r}"
+
+
+@dataclass(frozen=True)
+class SettingsFile:
+    """What `settings.toml` gave: the settings, and each value that fell back to its default."""
+
+    settings: Settings
+    fallbacks: dict[str, Fallback] = field(default_factory=dict)
+
+    def warnings(self) -> list[str]:
+        return [f.describe() for f in self.fallbacks.values()]
+
+
+def _typed(name: str, value: Any, default: Any) -> Any:
+    typed = _coerce(name, value, default)
+    check_field(name, typed)
+    return typed
+
+
 def from_dict(data: dict[str, Any], strict: bool = False) -> Settings:
-    """Build Settings from plain values. strict: raise on a bad value; else warn and use the default."""
+    """Build Settings from plain values. strict: raise on a bad value; else it falls back to its default
+    alone (`read_settings` says which, and why)."""
+    return _from_dict(data, strict).settings
+
+
+def _from_dict(data: dict[str, Any], strict: bool) -> SettingsFile:
     defaults = Settings()
     known = {f.name for f in fields(Settings) if f.name != "extra"}
     values: dict[str, Any] = {}
-    for name in known & data.keys():
+    fallbacks: dict[str, Fallback] = {}
+    for name in sorted(known & data.keys(), key=field_names().index):
         try:
-            values[name] = _coerce(name, data[name], getattr(defaults, name))
+            values[name] = _typed(name, data[name], getattr(defaults, name))
         except SettingsError as err:
             if strict:
                 raise
-            log.warning("settings: %s; using the default %r", err, getattr(defaults, name))
+            fallbacks[name] = Fallback(data[name], str(err), getattr(defaults, name))
     extra = {k: v for k, v in data.items() if k not in known}
-    settings = Settings(**values, extra=extra)
-    if strict:
-        return settings.validated()
-    try:
-        return settings.validated()
-    except SettingsError as err:
-        log.warning("settings: %s; using defaults for the numbers", err)
-        keep = {k: v for k, v in values.items() if not isinstance(v, (int, float)) or isinstance(v, bool)}
-        return Settings(**keep, extra=extra)
+    return SettingsFile(Settings(**values, extra=extra), fallbacks)
 
 
 def to_dict(settings: Settings) -> dict[str, Any]:
@@ -198,26 +255,39 @@ def to_dict(settings: Settings) -> dict[str, Any]:
 
 def load_settings(path: Path) -> Settings:
     """Read the file; a missing file gives defaults, a corrupt one is moved aside."""
+    return read_settings(path).settings
+
+
+def read_settings(path: Path, warn: bool = True) -> SettingsFile:
+    """Read the file and say which values fell back: each bad value alone, with a warning naming it
+    (`warn=False` for the preferences panel, which reads the file at every page load)."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return Settings()
+        return SettingsFile(Settings())
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(path, aside)
         log.warning("settings file %s could not be read (%s); moved it to %s and using defaults", path, err, aside)
-        return Settings()
-    return from_dict(data)
+        return SettingsFile(Settings())
+    loaded = _from_dict(data, strict=False)
+    for fallback in loaded.fallbacks.values() if warn else ():
+        log.warning("%s: %s", path, fallback.describe())
+    return loaded
 
 
-def save_settings(settings: Settings, path: Path) -> None:
-    """Atomic write: a reader sees the old file or the new one, never half of one."""
+def save_settings(settings: Settings, path: Path, keep_raw: dict[str, Any] | None = None) -> None:
+    """Atomic write: a reader sees the old file or the new one, never half of one.
+
+    `keep_raw`: values to write as the file had them (bad ones the user did not touch): a Save
+    must not replace what the user wrote by hand with defaults they never chose (issue 11).
+    """
     settings.validated()
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = tomli_w.dumps(to_dict(settings)).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=".settings-", suffix=".toml", dir=path.parent)
+    payload = tomli_w.dumps({**to_dict(settings), **(keep_raw or {})}).encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".toml", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
@@ -227,6 +297,32 @@ def save_settings(settings: Settings, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def update_settings_file(path: Path, **changes: Any) -> bool:
+    """Write `changes` into the file and keep every other line as the file has it, a bad value that
+    fell back included (the model picker remembering a choice must not reset a hand-written value,
+    issue 11). Returns False when the file already holds these values (nothing written)."""
+    loaded = read_settings(path, warn=False)
+    new = loaded.settings.replace(**changes)
+    if new == loaded.settings and not changes.keys() & loaded.fallbacks.keys():
+        return False
+    keep_raw = {name: fallback.raw for name, fallback in loaded.fallbacks.items() if name not in changes}
+    save_settings(new, path, keep_raw=keep_raw)
+    return True
+
+
+def remove_temp_leftovers(path: Path) -> list[Path]:
+    """Delete the atomic write's temp files beside `path` that a killed save left behind (they hold the
+    whole file, password included); returns what was removed. Call it at start, before any save."""
+    removed = []
+    for leftover in path.parent.glob(f"{TEMP_PREFIX}*.toml"):
+        try:
+            leftover.unlink()
+            removed.append(leftover)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def field_names() -> list[str]:

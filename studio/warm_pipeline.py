@@ -26,6 +26,7 @@ from studio.models.placement import Placement, apply_memory_mode
 from studio.models.vae_file import load_vae
 from studio.phases import LORA_TARGETS, Phase
 from studio.preview import LatentProjection
+from studio.report import PhaseTimer
 from studio.runtime import Runtime
 from studio.settings import Settings
 
@@ -44,6 +45,8 @@ class ModelInfo:
     load_seconds: float
     vae: str = ""  # a separate VAE's path; empty: the model's own
     native_size: int = SDXL_DEFAULT_SIZE  # the side the UNet was made for (its sample_size x the VAE's scale)
+    # seconds per part of load_seconds (report.LOAD_PART_LABELS): what a slow load was spent on
+    load_parts: dict[str, float] = field(default_factory=dict)
 
     @property
     def short_hash(self) -> str:
@@ -56,7 +59,8 @@ class ModelInfo:
     def to_dict(self) -> dict:
         out = {"name": self.source.name, "kind": self.source.kind.value, "location": self.source.location,
                "hash": self.short_hash, "load_seconds": round(self.load_seconds, 4), "demo": self.source.is_demo,
-               "native_size": self.native_size}
+               "native_size": self.native_size,
+               "load_parts": {name: round(seconds, 4) for name, seconds in self.load_parts.items()}}
         return out | ({"vae": self.vae_name, "vae_location": self.vae} if self.vae else {})
 
 
@@ -121,13 +125,15 @@ def load_warm_pipeline(source: ModelSource, runtime: Runtime, settings: Settings
         on_progress(name, 0.0)
         return lambda fraction: on_progress(name, fraction)
 
-    start = time.perf_counter()
+    start, parts = time.perf_counter(), PhaseTimer()  # parts: imports, read_build, vae, hash, placement, lora_bind
     device = runtime.device
-    pipe = load_pipeline(source, runtime.dtype, device, on_progress=stage("read"))
+    pipe = load_pipeline(source, runtime.dtype, device, on_progress=stage("read"), timer=parts)
     if vae:
         stage("vae")
-        pipe.vae = load_vae(vae, pipe.vae, runtime.dtype)
-    sha = model_sha256(source.path, hash_cache, stage("hash")) if source.kind is not SourceKind.HUB else ""
+        with parts.phase("vae"):
+            pipe.vae = load_vae(vae, pipe.vae, runtime.dtype)
+    with parts.phase("hash"):
+        sha = model_sha256(source.path, hash_cache, stage("hash")) if source.kind is not SourceKind.HUB else ""
     stage("place")
     notes: list[str] = []
     if settings.fp8_storage:
@@ -136,17 +142,20 @@ def load_warm_pipeline(source: ModelSource, runtime: Runtime, settings: Settings
             enable_fp8_storage(pipe.unet, runtime.dtype)  # before caching: the pristine copy is fp8 too
         else:
             notes.append(f"fp8 storage is off: {why}")
-    measured = budgets()
-    cache = ModelCache(device, ram_budget=measured.ram or None, vram_budget=measured.vram or None)
-    placement = apply_memory_mode(pipe, settings.memory_mode, device, budgets(), settings.stream_lookahead,
-                                  cache=cache, key_prefix=f"{sha[:12]}:")
+    with parts.phase("placement"):  # the pristine RAM copies are made here
+        measured = budgets()
+        cache = ModelCache(device, ram_budget=measured.ram or None, vram_budget=measured.vram or None)
+        placement = apply_memory_mode(pipe, settings.memory_mode, device, budgets(), settings.stream_lookahead,
+                                      cache=cache, key_prefix=f"{sha[:12]}:")
     try:
-        loras.bind({part: getattr(pipe, part) for part in LORA_TARGETS}, pristine_source=placement.pristine,
-                   merge_blocker=placement.merge_blocker)
+        with parts.phase("lora_bind"):
+            loras.bind({part: getattr(pipe, part) for part in LORA_TARGETS}, pristine_source=placement.pristine,
+                       merge_blocker=placement.merge_blocker)
     except BaseException:
         placement.close()
         raise
-    info = ModelInfo(source, sha, time.perf_counter() - start, vae=str(vae), native_size=native_size(pipe))
+    info = ModelInfo(source, sha, time.perf_counter() - start, vae=str(vae), native_size=native_size(pipe),
+                     load_parts=parts.phases)
     log.info("loaded %s (%s) in %.2fs on %s/%s, memory mode %s", source.name, source.kind.value, info.load_seconds,
              device, runtime.dtype_name, placement.mode)
     return WarmPipeline(pipe, placement, cache, info, runtime, dict(pipe.scheduler.config), notes)

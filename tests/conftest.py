@@ -50,10 +50,14 @@ def session_dirs(tmp_path_factory) -> AppDirs:
 
 @pytest.fixture(scope="session")
 def tiny_session(session_dirs):
-    """One warm session on the embedded model (bf16 on CPU), shared by the tests that only generate."""
+    """One warm session on the embedded model, shared by the tests that only generate.
+
+    Precision auto, as users run it: bf16 where this CPU has native bf16, else fp32 (a bf16 test
+    session on an AVX2-only CPU ran generations ~7x slower and timed the browser test out, issue 9).
+    """
     from studio.session import Session
 
-    session = Session(Settings(device="cpu", precision=Precision.BF16), session_dirs)
+    session = Session(Settings(device="cpu", precision=Precision.AUTO), session_dirs)
     session.load_model()
     yield session
     session.close()

@@ -120,6 +120,47 @@ def test_bake_writes_a_model_that_generates_what_the_stack_generates(tmp_path):
     assert again.returncode == 2 and "never overwrites" in again.stderr
 
 
+def test_lora_flags_take_the_tag_arguments():
+    from studio.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "--prompt", "p", "--lora", "demo-kohya-warm:1:lbw=INS",
+                                      "--lora", "demo-peft-cool:0.8:0.4", "--lora", "/tmp/a:b.safetensors:0.5",
+                                      "--lora", "demo-locon-grain"])
+    assert args.lora == [("demo-kohya-warm", 1.0, "lbw=INS"), ("demo-peft-cool", 0.8, "unet=0.4"),
+                         ("/tmp/a:b.safetensors", 0.5), ("demo-locon-grain", 1.0)]
+
+
+def test_a_bad_lora_flag_is_one_line(tmp_path):
+    run = _launch("generate", "--prompt", "p", "--lora", "demo-kohya-warm:nan", home=tmp_path / "home")
+    assert run.returncode == 2 and "demo-kohya-warm" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_grid_command_writes_cells_grid_and_json(tmp_path):
+    out = tmp_path / "grid"
+    run = _launch("grid", "--prompt", "a cat", "--seed", "3", "--steps", "2", "--width", "64", "--height", "64",
+                  "--x", "lora:demo-kohya-warm=0,0.5,1", "--y", "lora:demo-peft-cool=0,0.7", "--out-dir", str(out),
+                  home=tmp_path / "home")
+    assert run.returncode == 0, run.stderr
+    assert "cell 6/6" in run.stdout and "measured" in run.stdout and "estimate" in run.stdout
+    data = json.loads((out / "grid.json").read_text())
+    assert len(data["cells"]) == 6 and (out / "grid.png").exists()
+    for cell in data["cells"]:
+        assert read_png_infotext(out / cell["file"]).to_request().loras == tuple(map(tuple, cell["request"]["loras"]))
+    bad = _launch("grid", "--prompt", "a cat", "--x", "lbw:demo-kohya-warm=ALL,NOPE", "--out-dir", str(out / "b"),
+                  home=tmp_path / "home")
+    assert bad.returncode == 2 and "unknown block-weight preset" in bad.stderr and not (out / "b").exists()
+
+
+def test_job_lines_take_lora_options(tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"prompt": "one", "seed": 1, "steps": 2, "width": 64, "height": 64,
+                                "loras": [["demo-kohya-warm", 0.8, "lbw=OUTD:stop=1"]]}) + "\n")
+    run = _launch("generate", "--jobs", str(jobs), "--out-dir", str(tmp_path / "out"), home=tmp_path / "home")
+    assert run.returncode == 0, run.stderr
+    info = read_png_infotext(tmp_path / "out" / "0001.png")
+    assert "<lora:demo-kohya-warm:0.8:lbw=OUTD:stop=1>" in info.prompt
+    report = json.loads((tmp_path / "out" / "0001.json").read_text())
+    assert report["lora"]["step_switches"][0]["step"] == 1
 def _run_in_process(argv: list[str], home: Path, monkeypatch) -> int:
     """The CLI's own entry (no subprocess, no model load for input errors), as `launch.py` calls it."""
     from studio.cli import build_parser, run
@@ -149,3 +190,14 @@ def test_jobs_without_an_out_dir_is_bad_input_and_exits_2(tmp_path, monkeypatch,
     assert _run_in_process(["generate", "--jobs", str(tmp_path / "jobs.jsonl")], tmp_path / "h", monkeypatch) == 2
     assert "--jobs needs --out-dir DIR" in capsys.readouterr().err
     assert _run_in_process(["generate"], tmp_path / "h", monkeypatch) == 2  # no --prompt: bad input too
+
+
+def test_bad_grid_input_exits_2_before_any_model_load(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "g"
+    assert _run_in_process(["grid", "--prompt", "p", "--out-dir", str(out)], tmp_path / "h", monkeypatch) == 2
+    assert "grid needs at least one axis" in capsys.readouterr().err
+    assert _run_in_process(["grid", "--prompt", "p", "--x", "colour=1,2", "--out-dir", str(out)], tmp_path / "h",
+                           monkeypatch) == 2
+    assert "KIND=v1,v2" in capsys.readouterr().err
+    assert _run_in_process(["grid", "--x", "seed=1,2", "--out-dir", str(out)], tmp_path / "h", monkeypatch) == 2
+    assert "grid needs --prompt TEXT" in capsys.readouterr().err and not out.exists()

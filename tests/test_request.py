@@ -34,3 +34,24 @@ def test_from_dict_accepts_json_numbers_and_refuses_unknown_keys():
         GenerationRequest.from_dict({"prompt": "p", "stepz": 3})
     with pytest.raises(SettingsError, match="`steps` must be a whole number"):
         GenerationRequest.from_dict({"prompt": "p", "steps": 2.5})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 2.5, "`steps` must be a whole number, got 2.5"),
+    ("seed", 1.5, "`seed` must be a whole number, got 1.5"),
+    ("width", True, "`width` must be a whole number, got True"),
+    ("cfg", "5", "`cfg` must be a number, got '5'"),
+    ("prompt", "x" * 8001, "`prompt` is 8,001 characters long; the limit is 8,000"),
+    ("negative", "x" * 9000, "`negative` is 9,000 characters long"),
+])
+def test_a_request_holds_whole_numbers_where_whole_numbers_are_meant(field, value, message):
+    """2.5 steps ran 2 steps (issue 11, item 8): a request never bends a value, it names it."""
+    with pytest.raises(SettingsError) as err:
+        GenerationRequest(**{"prompt": "p", field: value}).validated()
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "nan", "abc"])
+def test_json_numbers_that_are_not_numbers_are_named(value):
+    with pytest.raises(SettingsError, match="`steps` must be a whole number"):
+        GenerationRequest.from_dict({"prompt": "p", "steps": value})

@@ -104,6 +104,32 @@ def test_bad_lora_files_give_one_line_and_change_nothing(clean, tmp_path):
     assert np.array_equal(_pixels(after), np.asarray(Image.open(tmp_path / "before.png").convert("RGB")))
 
 
+def test_a_lora_path_works_on_the_command_line_only(clean, tmp_path):
+    copy = tmp_path / "style.safetensors"
+    shutil.copy(DEMO_LORA_DIR / f"{KOHYA}.safetensors", copy)
+    with pytest.raises(LoraError, match="is named by its file name in the LoRA folders"):
+        clean.prepare(_req(loras=[(str(copy), 0.5)]))
+    job = clean.prepare(_req(loras=[(str(copy), 0.5)]), allow_paths=True)  # what the CLI passes
+    assert [(item.name, item.path) for item in job.stack] == [("style", copy.resolve())]
+
+
+def test_a_checkpoint_in_a_lora_folder_is_refused_from_its_header(clean, tmp_path, monkeypatch):
+    """A whole checkpoint was read into RAM as a LoRA (issue 11, item 1): its header says what it is."""
+    import studio.lora.reader as reader
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    weights = {f"model.diffusion_model.input_blocks.{i}.0.weight": torch.zeros(2) for i in range(80)}
+    weights |= {f"first_stage_model.decoder.conv_{i}.bias": torch.zeros(2) for i in range(20)}
+    save_file(weights, str(folder / "sdxl-checkpoint.safetensors"))
+    monkeypatch.setattr(reader, "_load_tensors", lambda *a: pytest.fail("the tensors of a checkpoint were read"))
+    clean.apply_settings(clean.settings.replace(lora_dirs=(str(folder),)))
+    with pytest.raises(LoraError, match=r"sdxl-checkpoint.safetensors: not a LoRA: 100 of its 100 tensors are plain "
+                                        r"model weights \(e.g. \w+_model\..*\), as in a checkpoint"):
+        clean.generate(_req(loras=[("sdxl-checkpoint", 1.0)]), out_path=tmp_path / "x.png")
+
+
 def test_offload_toggle_gives_identical_images_and_reports_its_path(clean, tmp_path):
     results = {}
     for offload in (False, True):
@@ -115,6 +141,28 @@ def test_offload_toggle_gives_identical_images_and_reports_its_path(clean, tmp_p
     assert results[True].report.lora["unpatch"]["method"] == "drop_and_reload"
     assert "lora_unpatch_reload" in results[True].report.phases
     assert set(clean.loras.unpatch_costs) == {"restore_in_place", "drop_and_reload"}
+
+
+def test_the_report_names_the_unpatch_path_that_ran_when_the_setting_changes_mid_generation(clean, tmp_path,
+                                                                                            monkeypatch):
+    """The toggle applies now: flipped after the text encoders were restored in place, the UNet is
+    dropped and reloaded; the report names both, not the setting's value at the end (issue 11)."""
+    from studio.phases import Phase
+
+    clean.generate(_req(loras=[(KOHYA, 1.0)]), out_path=tmp_path / "a.png")
+    text_patcher = clean.loras.patcher(Phase.TEXT_ENCODE)
+    real_apply = text_patcher.apply
+
+    def apply_then_flip(stack):
+        stats = real_apply(stack)
+        clean.apply_settings(clean.settings.replace(unpatch_lora_by_vram_offload=True))
+        return stats
+
+    monkeypatch.setattr(text_patcher, "apply", apply_then_flip)
+    clean.loras.unpatch_costs.clear()
+    off = clean.generate(_req(), out_path=tmp_path / "off.png")
+    assert off.report.lora["unpatch"]["method"] == "restore_in_place + drop_and_reload"
+    assert clean.loras.unpatch_costs == {}  # a mixed switch measures neither path alone
 
 
 ACTIONS = st.lists(st.tuples(st.sampled_from(["gen", "cancel", "toggle"]),

@@ -70,3 +70,38 @@ def test_an_out_of_memory_says_so_and_the_next_generation_works(tiny_session, tm
     assert tiny_session.status()["busy"] is False
     after = tiny_session.generate(_req(loras=(("demo-peft-cool", 0.8),)), out_path=tmp_path / "after.png")
     assert np.array_equal(_pixels(after), _pixels(before))
+
+
+def test_an_out_of_memory_right_after_a_cold_load_frees_the_cache_that_load_made(session_dirs, tmp_path,
+                                                                                monkeypatch):
+    """The guard is entered before the first generation loads the model: it must ask for the cache
+    when the OOM happens, not hold the None it saw on the way in (issue 11, item 12)."""
+    import studio.session as session_module
+
+    freed: list[str] = []
+
+    class Cache:
+        def drop_device_copies(self) -> int:
+            freed.append("dropped")
+            return 0
+
+        def check(self) -> list[str]:
+            return []
+
+    class Warm:
+        cache = Cache()
+        native_size = 64
+
+        def close(self) -> None:
+            pass
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated, right after the load)")
+
+    monkeypatch.setattr(session_module, "load_warm_pipeline", lambda *args, **kwargs: Warm())
+    monkeypatch.setattr(session_module, "generate", oom)
+    cold = Session(Settings(device="cpu", precision=Precision.BF16, live_preview=False), session_dirs)  # a fake model
+    assert cold.warm is None
+    with pytest.raises(OutOfMemory, match="out of memory during the generation"):
+        cold.generate(_req(), out_path=tmp_path / "oom.png")
+    assert freed == ["dropped"]

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 
 from studio.errors import SettingsError
 from studio.choices import Device, LoraMode
-from studio.settings import Settings, load_settings, save_settings, to_dict
+from studio.settings import Settings, load_settings, read_settings, save_settings, to_dict, update_settings_file
 
 
 def test_missing_file_gives_defaults(tmp_path):
@@ -41,6 +42,49 @@ def test_bad_value_falls_back_to_its_default_only(tmp_path, caplog):
         settings = load_settings(path)
     assert settings.device == Device.AUTO and settings.default_steps == 30
     assert "`device` must be one of auto, cpu, cuda, got 'tpu'" in caplog.text
+
+
+def test_each_bad_value_falls_back_alone_with_a_warning_naming_it(tmp_path, caplog):
+    """One bad number no longer resets every number (issue 11, item 4)."""
+    path = tmp_path / "settings.toml"
+    path.write_text("default_steps = 0\ndefault_cfg = nan\nport = 99999\nlora_cache_mb = 512\nram_limit_mb = 1000\n"
+                    'lora_mode = "sidecar"\n')
+    with caplog.at_level(logging.WARNING):
+        loaded = read_settings(path)
+    s = loaded.settings
+    assert (s.default_steps, s.default_cfg, s.port) == (20, 5.0, 7860)  # the bad ones, each alone
+    assert (s.lora_cache_mb, s.ram_limit_mb, s.lora_mode) == (512, 1000, LoraMode.SIDECAR)  # the good ones kept
+    assert sorted(loaded.fallbacks) == ["default_cfg", "default_steps", "port"]
+    for line in ("`default_steps` must be between 1 and 200, got 0; using the default 20",
+                 "`default_cfg` must be between 0 and 30, got nan; using the default 5.0",
+                 "`port` must be between 0 and 65535, got 99999; using the default 7860"):
+        assert line in caplog.text
+    assert len(caplog.records) == 3
+
+
+def test_a_save_writes_back_the_bad_values_nobody_touched(tmp_path):
+    path = tmp_path / "settings.toml"
+    path.write_text("default_steps = 0\nlora_cache_mb = 512\n")
+    loaded = read_settings(path)
+    changed = loaded.settings.replace(default_cfg=6.0)
+    save_settings(changed, path, keep_raw={n: f.raw for n, f in loaded.fallbacks.items()})
+    again = read_settings(path)
+    assert again.settings.default_cfg == 6.0 and again.settings.lora_cache_mb == 512
+    assert again.fallbacks["default_steps"].raw == 0  # still what the user wrote, still reported
+
+
+def test_the_model_picker_remembering_a_model_keeps_the_hand_written_bad_value(tmp_path):
+    """Loading a model writes `model`/`vae` into the file; it must not write the default over a bad
+    value the user wrote by hand (issue 11, item 4: a Save wrote every fallback's default)."""
+    from ui.model_picker import _remember
+
+    path = tmp_path / "settings.toml"
+    path.write_text('default_steps = 0\nlora_cache_mb = 512\nmodel = "/old.safetensors"\n')
+    _remember(SimpleNamespace(dirs=SimpleNamespace(settings_file=path)), "/new.safetensors", "")
+    again = read_settings(path)
+    assert again.settings.model == "/new.safetensors" and again.settings.lora_cache_mb == 512
+    assert again.fallbacks["default_steps"].raw == 0
+    assert update_settings_file(path, model="/new.safetensors") is False  # already so: not written again
 
 
 def test_out_of_range_value_is_refused_and_not_saved(tmp_path):

@@ -1,4 +1,4 @@
-"""build_app(session) -> gr.Blocks: Generate, Report, History, PNG info and Preferences tabs, and the model picker.
+"""build_app(session) -> gr.Blocks: Generate, Grid, Report, History, PNG info, Preferences tabs; the model picker.
 
 Each tab lives in its own module and is wired here. Engine errors become `gr.Error`
 in one place (ui/errors.py). A gr.Timer refreshes the status line (busy/idle, queue,
@@ -16,6 +16,7 @@ from studio.demo_vocab import COLOURS, SHAPES, WARM_TRIGGER, example_prompts
 from studio.session import Session
 from ui.access import ServerInfo, is_local, owner_of
 from ui.generate_tab import GPU, build_generate_tab, runs_demo, wire_generate_tab
+from ui.grid_tab import build_grid_tab, wire_grid_tab
 from ui.history_tab import build_history_tab, wire_history_tab
 from ui.model_picker import build_model_picker, wire_model_picker
 from ui.png_info import build_png_info_tab, wire_png_info
@@ -47,7 +48,9 @@ def queued_jobs(app: gr.Blocks) -> int | None:
         return None
 
 
-def status_line(status: dict, queued: int | None) -> str:
+def status_line(status: dict, queued: int | None, local: bool = True) -> str:
+    """Busy or idle, the queue, memory; for the person at this computer also what fell back at start
+    (a notice names local paths, so a visitor through the public link never sees one)."""
     parts = ["● **Generating**" if status.get("busy") else "○ **Idle**"]
     if queued:
         parts.append(f"{queued} in the queue")
@@ -56,18 +59,21 @@ def status_line(status: dict, queued: int | None) -> str:
     parts.append(f"RAM {status.get('rss', 0) / _MB:,.0f} MB")
     if "cuda_allocated" in status:
         parts.append(f"VRAM {status['cuda_allocated'] / _MB:,.0f} MB")
-    return " · ".join(parts)
+    line = " · ".join(parts)
+    notices = status.get("notices") if local else None
+    return line + "".join(f"\n\n⚠ {notice}" for notice in notices or ())
 
 
 def model_text(session: Session) -> str:
     """The header's model line: what is loaded, on which device and in which precision, right now."""
     model = session.model
     runtime = f"{session.runtime.device}/{session.runtime.dtype_name}"
+    why = f" · {session.runtime.reason}" if session.runtime.reason else ""  # precision: which and why (issue 9)
     if model is None:
-        return f"No model loaded yet (it loads with the next generation, on {runtime})"
+        return f"No model loaded yet (it loads with the next generation, on {runtime}){why}"
     kind = "built-in demo model" if model.source.is_demo else model.source.kind.value.replace("_", " ")
     vae = f" + VAE {model.vae_name}" if model.vae else ""
-    return f"**{model.source.name}** ({kind}){vae} on {runtime}"
+    return f"**{model.source.name}** ({kind}){vae} on {runtime}{why}"
 
 
 def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
@@ -84,6 +90,8 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 gen = build_generate_tab(session)
+            with gr.Tab("Grid", id="grid"):
+                grid = build_grid_tab(session)
             with gr.Tab("Report", id="report") as report_tab:
                 report = build_report_panel(session)
             with gr.Tab("History", id="history") as history_tab:
@@ -95,8 +103,8 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
 
         report_outputs = [report.table, report.json_files, report.phase_plot, report.memory_plot]
 
-        def refresh_report(own: list) -> dict:
-            return refresh_report_panel(report, session, own)
+        def refresh_report(own: list, request: gr.Request) -> dict:
+            return refresh_report_panel(report, session, own, is_local(request, server))
 
         def header() -> str:
             return model_text(session) + READY
@@ -109,6 +117,7 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
         presets = size_presets(session.native_size)
         wire_png_info(png, gen, tabs, "generate", presets)
         wire_history_tab(history, session, server, gen, tabs, history_tab, "generate", presets)
+        wire_grid_tab(grid, gen, session, server)
         wire_preferences(prefs, session, server, Followers({"default_steps": gen.steps, "default_cfg": gen.cfg},
                                                            model_line, header))
         prefs_tab.select(lambda: render_unpatch_costs(list(session.history)), None, prefs.unpatch_costs, **quiet)
@@ -123,8 +132,9 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
 
         def lines(request: gr.Request) -> tuple[str, str, str]:
             status = session.status()
-            public = server.public.describe(server.credentials, is_local(request, server))
-            return status_line(status, queued_jobs(app)), public, live_memory_text(status)
+            local = is_local(request, server)
+            public = server.public.describe(server.credentials, local)
+            return status_line(status, queued_jobs(app), local), public, live_memory_text(status)
 
         def tick(request: gr.Request) -> tuple:
             changed, picture, caption = server.previews.take(owner_of(request))
@@ -146,7 +156,7 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
             live, public, memory = lines(request)
             return {**panel_values(prefs, session, server, request), gen.steps: settings.default_steps,
                     gen.cfg: settings.default_cfg, live_status: live, public_line: public, report.live_memory: memory,
-                    **refresh_report([]), model_line: header()}
+                    **refresh_report([], request), model_line: header()}
 
         app.load(on_load, None, [*prefs.widgets.values(), prefs.note, prefs.unpatch_costs, prefs.save, prefs.reset,
                                  gen.steps, gen.cfg, live_status, public_line, report.live_memory, *report_outputs,
@@ -156,8 +166,10 @@ def build_app(session: Session, server: ServerInfo | None = None) -> gr.Blocks:
             """Busy or idle, jobs queued and waiting, memory in bytes, and the public link's state."""
             local = is_local(request, server)
             data = session.status()
-            if not local and data.get("model"):
-                data["model"] = {k: v for k, v in data["model"].items() if k not in ("location", "vae_location")}
+            if not local:  # no local paths for a visitor through the public link
+                data["notices"] = []
+                if data.get("model"):
+                    data["model"] = {k: v for k, v in data["model"].items() if k not in ("location", "vae_location")}
             return {**data, "queued": queued_jobs(app), "public_link": server.public.state.value,
                     "public_url": server.public.url}
 

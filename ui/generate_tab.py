@@ -20,14 +20,17 @@ import gradio as gr
 
 from studio.demo_vocab import example_prompts
 from studio.errors import Cancelled, SettingsError
-from studio.request import MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_STEP, GenerationRequest
+from studio.request import MAX_SEED, MAX_SIDE, MIN_SIDE, SIDE_STEP, GenerationRequest, check_text, real_number, \
+    whole_number
 from studio.samplers import SAMPLERS
 from studio.jobs import StepEvent
 from studio.session import Session
 from ui.access import ServerInfo, is_local, owner_of
 from ui.errors import engine_call
+from ui.jobs import accepted_at, waiting_events
 from ui.lora_panel import LoraPanel, build_lora_panel
 from ui.lora_sync import Row, rows_from_prompt, stack_of, strip_tags
+from ui.scrub import ScrubForm
 from ui.progress import BatchProgress
 from ui.report_view import summary_line
 from ui.sizes import CUSTOM, preset_for, size_presets
@@ -77,7 +80,8 @@ class GenerateForm:
 
     def requests(self) -> list[GenerationRequest]:
         """One validated request per image: seeds base, base+1, ... (a random base for -1)."""
-        if not 1 <= self.batch_count <= MAX_BATCH:
+        if isinstance(self.batch_count, bool) or not isinstance(self.batch_count, int) \
+                or not 1 <= self.batch_count <= MAX_BATCH:
             raise SettingsError(f"`batch count` must be between 1 and {MAX_BATCH}, got {self.batch_count}")
         first = GenerationRequest(prompt=self.prompt, negative=self.negative, seed=self.seed, steps=self.steps,
                                   cfg=self.cfg, width=self.width, height=self.height, sampler=self.sampler,
@@ -151,7 +155,7 @@ def build_generate_tab(session: Session) -> GenerateTab:
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 halt = gr.Button("Stop", variant="stop", elem_id="stop")
             stop_note = gr.Markdown(elem_id="stop-note")
-            loras = build_lora_panel(session, prompt)
+            loras = build_lora_panel(session, prompt, ScrubForm(negative, seed, cfg, width, height, sampler))
         with gr.Column(scale=2):
             preview = gr.Image(label="Live preview", type="pil", interactive=False, visible=False, height=280,
                                buttons=[], elem_id="live-preview")
@@ -214,10 +218,17 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
                  height: float | None, sampler: str, batch_count: float, ticket: str | None = None,
                  rows: list[Row] | None = None, request: gr.Request = None,
                  progress: gr.Progress = gr.Progress()) -> Iterator[dict]:
-        form = GenerateForm.from_ui(prompt, rows, negative=negative or "", seed=-1 if seed is None else int(seed),
-                                    steps=int(steps), cfg=float(cfg), width=int(width or 0), height=int(height or 0),
-                                    sampler=sampler, batch_count=int(batch_count))
-        yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json)
+        """The values arrive as sent (`preprocess=False`): Gradio's own preprocessing rounds 1.5 to 2
+        and answers NaN or "abc" with a generic error, so each is checked here, by its name."""
+        with engine_call():
+            form = GenerateForm.from_ui(
+                check_text("prompt", prompt or ""), rows, negative=check_text("negative", negative or ""),
+                seed=-1 if seed is None else whole_number("seed", seed), steps=whole_number("steps", steps),
+                cfg=real_number("cfg", cfg), width=0 if width is None else whole_number("width", width),
+                height=0 if height is None else whole_number("height", height), sampler=sampler,
+                batch_count=whole_number("batch count", batch_count))
+        yield from _run_batch(session, server, form, owner_of(request), ticket, progress, tab, report_json,
+                              accepted_at(), local=is_local(request, server))
 
     inputs = [tab.prompt, tab.negative, tab.seed, tab.steps, tab.cfg, tab.width, tab.height, tab.sampler,
               tab.batch_count, tab.ticket, tab.loras.rows]
@@ -227,7 +238,8 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
         return server.jobs.reserve(owner_of(request)), ""
 
     first: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
-    run: dict[str, Any] = {"concurrency_id": GPU, "concurrency_limit": 1, "show_progress_on": [tab.gallery]}
+    run: dict[str, Any] = {"concurrency_id": GPU, "concurrency_limit": 1, "show_progress_on": [tab.gallery],
+                           "preprocess": False}
     clicked = tab.run.click(reserve, None, [tab.ticket, tab.stop_note], **first)
     event = clicked.then(generate, inputs, outputs, api_name="generate", **run)
     submitted = tab.prompt.submit(reserve, None, [tab.ticket, tab.stop_note], **first)
@@ -237,10 +249,13 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
 
     def stop(request: gr.Request) -> str:
         """Stop this visitor's jobs; the person at this computer may also stop anyone's running job."""
-        mine = server.jobs.stop(owner_of(request))
-        if mine.running or mine.queued:
+        owner = owner_of(request)
+        mine = server.jobs.stop(owner)
+        # an API job accepted by the queue has no ticket until it starts; the Stop still holds for it
+        unticketed = max(0, waiting_events(owner, GPU) - mine.running - mine.queued)
+        if mine.running or mine.queued or unticketed:
             parts = ["the running image ends at its next step (nothing of it is saved)"] if mine.running else []
-            if mine.queued:
+            if mine.queued or unticketed:
                 parts.append("your queued job will not start")
             return "⏹ **Stop requested**: " + "; ".join(parts) + "."
         if is_local(request, server) and session.cancel_current():
@@ -252,13 +267,17 @@ def wire_generate_tab(tab: GenerateTab, session: Session, server: ServerInfo,
 
 
 def _run_batch(session: Session, server: ServerInfo, form: GenerateForm, owner: str, ticket: str | None,
-               progress: gr.Progress, tab: GenerateTab, report_json: gr.File) -> Iterator[dict]:
-    """Run the images one after another, yielding the gallery as each one lands."""
+               progress: gr.Progress, tab: GenerateTab, report_json: gr.File,
+               accepted: float | None = None, local: bool = True) -> Iterator[dict]:
+    """Run the images one after another, yielding the gallery as each one lands.
+
+    The report JSON beside each PNG is served to whoever ran the job: a visitor through the public
+    link gets it without local paths (model location, LoRA files, the outputs folder)."""
     paths: list[str] = []
     reports: list = []
     jsons: list[str] = []
     stopped = False
-    with server.jobs.hold(owner, ticket) as token:
+    with server.jobs.hold(owner, ticket, accepted_at=accepted) as token:
         with engine_call():
             requests = form.requests()
         count = len(requests)
@@ -276,13 +295,15 @@ def _run_batch(session: Session, server: ServerInfo, form: GenerateForm, owner: 
                 bar.start_image(index)
                 with engine_call():
                     try:
-                        result = session.generate(request, on_step=on_step, on_phase=bar.phase, cancel=token)
+                        # a visitor may be anyone with the link: LoRAs by name from the LoRA folders only
+                        result = session.generate(request, on_step=on_step, on_phase=bar.phase, cancel=token,
+                                                  allow_paths=False)
                     except Cancelled:
                         stopped = True
                 if stopped:
                     break
                 json_path = Path(result.paths[0]).with_suffix(".json")
-                result.report.write_json(json_path)
+                (result.report if local else result.report.without_local_paths()).write_json(json_path)
                 paths += [str(p) for p in result.paths]
                 reports.append(result.report)
                 jsons.append(str(json_path))

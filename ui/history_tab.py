@@ -62,28 +62,32 @@ def caption(path: Path) -> str:
     return " · ".join(b for b in bits if b) or path.name
 
 
-def page_of(session: Session, page: int) -> tuple[list[tuple[str, str]], list[str], int, str]:
-    """(gallery items, their paths, the page actually shown, the note above the gallery)."""
+def page_of(session: Session, page: int, local: bool = True) -> tuple[list[tuple[str, str]], list[str], int, str]:
+    """(gallery items, their paths, the page actually shown, the note above the gallery; the folder's
+    path only for the person at this computer)."""
     root = session.outputs_root
+    where = f" · `{root}`" if local else ""
     paths = list_outputs(root)
     pages = max(1, math.ceil(len(paths) / PAGE_SIZE))
     page = min(max(0, page), pages - 1)
     chunk = paths[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]
     if not paths:
-        note = f"No images yet in `{root}`: generate one and it appears here."
+        note = f"No images yet{f' in `{root}`' if local else ''}: generate one and it appears here."
     else:
         first, last = page * PAGE_SIZE + 1, page * PAGE_SIZE + len(chunk)
-        note = f"Images {first}–{last} of {len(paths)}, newest first (page {page + 1} of {pages}) · `{root}`"
+        note = f"Images {first}–{last} of {len(paths)}, newest first (page {page + 1} of {pages}){where}"
     return [(str(p), caption(p)) for p in chunk], [str(p) for p in chunk], page, note
 
 
-def old_report(path: Path) -> str:
-    """The Report of an image from the JSON saved beside it."""
+def old_report(path: Path, local: bool = True) -> str:
+    """The Report of an image from the JSON saved beside it; for a visitor through the public link
+    without local paths (model location, LoRA files, outputs), as their own reports are (issue 11)."""
     json_path = path.with_suffix(".json")
     if not json_path.is_file():
         return f"No report beside this image (`{json_path.name}` is not there): only its parameters are known."
     try:
-        return render_report(Report.from_dict(json.loads(json_path.read_text(encoding="utf-8"))))
+        report = Report.from_dict(json.loads(json_path.read_text(encoding="utf-8")))
+        return render_report(report if local else report.without_local_paths())
     except (OSError, ValueError, TypeError) as err:
         return f"The report `{json_path.name}` could not be read ({err})."
 
@@ -127,23 +131,30 @@ def wire_history_tab(tab: HistoryTab, session: Session, server: ServerInfo, gen:
     """Paging (the page is read again whenever the tab is opened), picking, Send to Generate, Open folder."""
     view = [tab.gallery, tab.shown, tab.page, tab.page_note]
 
-    def show(page: int) -> tuple[Any, list[str], int, str]:
-        items, paths, page, note = page_of(session, page)
+    def show(page: int, request: gr.Request) -> tuple[Any, list[str], int, str]:
+        items, paths, page, note = page_of(session, page, is_local(request, server))
         return items, paths, page, note
 
     opened.select(show, tab.page, view, **QUICK)
     tab.refresh.click(show, tab.page, view, **QUICK)
-    tab.newer.click(lambda page: show(page - 1), tab.page, view, **QUICK)
-    tab.older.click(lambda page: show(page + 1), tab.page, view, **QUICK)
 
-    def pick(paths: list[str], evt: gr.SelectData) -> tuple[Any, ...]:
+    def newer(page: int, request: gr.Request) -> tuple[Any, list[str], int, str]:
+        return show(page - 1, request)
+
+    def older(page: int, request: gr.Request) -> tuple[Any, list[str], int, str]:
+        return show(page + 1, request)
+
+    tab.newer.click(newer, tab.page, view, **QUICK)
+    tab.older.click(older, tab.page, view, **QUICK)
+
+    def pick(paths: list[str], evt: gr.SelectData, request: gr.Request) -> tuple[Any, ...]:
         if evt.index is None or not 0 <= evt.index < len(paths or []):
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         path = Path(paths[evt.index])
         facts = inspect_image(path)
         table = [[k, v] for k, v in facts.info.params.items()] if facts.info else []
         prompt = f"\n\n**Prompt:** {facts.info.prompt}" if facts.info and facts.info.prompt else ""
-        return str(path), facts.summary + prompt, table, old_report(path), ""
+        return str(path), facts.summary + prompt, table, old_report(path, is_local(request, server)), ""
 
     tab.gallery.select(pick, tab.shown, [tab.picked, tab.summary, tab.params, tab.report, tab.action], **QUICK)
 
@@ -161,7 +172,7 @@ def wire_history_tab(tab: HistoryTab, session: Session, server: ServerInfo, gen:
     def open_folder(path: str | None, request: gr.Request) -> str:
         folder = Path(path).parent if path else session.outputs_root
         if not is_local(request, server):
-            return f"The folder is on the computer running LoRA Studio: `{folder}`."
+            return "The folder is on the computer running LoRA Studio."
         try:
             open_in_file_manager(folder)
         except OSError as err:

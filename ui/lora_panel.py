@@ -7,6 +7,8 @@
   enable box, a weight slider (-2..2), up/down/remove, and the file's trigger words as chips
   (a click adds that one word to the prompt, never all of them).
 - The rows are the truth; the prompt's `<lora:...>` tags mirror them (ui/lora_sync.py says how).
+- Each row has a collapsed panel (ui/lora_blocks.py): block weights (presets or per-block
+  sliders), UNet weight, start=/stop=, and the opt-in live weight scrub (ui/scrub.py).
 Every event here is browser-only (out of the API); those that write the rows are queued (see ROWS).
 
 What the screen shows is what runs, however a weight is changed: a slider's `.change` fires for
@@ -27,9 +29,13 @@ import gradio as gr
 
 from studio.lora.stack import search_dirs
 from studio.session import Session
+from ui.access import owner_of
+from ui.lora_blocks import render_blocks
 from ui.lora_catalog import CatalogEntry, LoraCatalog
 from ui.lora_sync import (Row, add_row, add_word, clean_rows, edit_row, move_row, prompt_from_rows, remove_row,
                           rows_from_prompt)
+from ui.scrub import EVENT as SCRUB_EVENT
+from ui.scrub import Scrubber, ScrubForm
 
 COLUMNS = 4
 MAX_CHIPS = 12  # ss_tag_frequency can hold hundreds of tags; the most frequent come first
@@ -52,6 +58,8 @@ class LoraPanel:
     layout: gr.State  # drawn(rows): written with `rows` by every edit but a weight's
     shown: gr.State  # names in the browser, in gallery order (a click gives an index)
     action: gr.Markdown  # what the last click in the browser did; cleared by the next edit
+    scrub_image: gr.Image | None = None  # the live scrub's picture and its latency note
+    scrub_note: gr.Markdown | None = None
 
 
 def drawn(rows: list[Row]) -> dict[str, Any]:
@@ -131,9 +139,13 @@ def row_label(catalog: LoraCatalog, row: Row) -> tuple[str, str]:
     return f"{entry.name} · {entry.badge}", (f"trigger words: {words}…" if words else "no trigger words in the file")
 
 
-def build_lora_panel(session: Session, prompt: gr.Textbox) -> LoraPanel:
-    """Lay out and wire the panel (call inside the Generate tab's column, below the prompt)."""
+def build_lora_panel(session: Session, prompt: gr.Textbox, form: ScrubForm | None = None) -> LoraPanel:
+    """Lay out and wire the panel (call inside the Generate tab's column, below the prompt).
+
+    `form`: the Generate widgets the live scrub reads (without it, rows offer no scrub).
+    """
     catalog = LoraCatalog(session.dirs.cache / "thumbnails")
+    scrubber = Scrubber(session) if form is not None else None
     with gr.Accordion("LoRAs", open=True, elem_id="lora-panel"):
         with gr.Row(equal_height=True):
             search = gr.Textbox(show_label=False, placeholder="Search LoRAs: name, title or trigger word",
@@ -150,6 +162,11 @@ def build_lora_panel(session: Session, prompt: gr.Textbox) -> LoraPanel:
         gr.Markdown("**Stack** (the prompt's `<lora:name:weight>` tags follow these rows, and the other way round)",
                     elem_id="lora-stack-title")
 
+        scrub_note = gr.Markdown(elem_id="lora-scrub-note") if scrubber is not None else None
+        scrub_image = gr.Image(label="Live scrub", type="pil", height=224, interactive=False, visible=False,
+                               elem_id="lora-scrub-image") if scrubber is not None else None
+        scrub = (scrubber, form, scrub_image, scrub_note) if scrubber is not None else None
+
         @gr.render(inputs=[layout], queue=False, show_progress="hidden")
         def stack(current: dict[str, Any]) -> None:
             current = clean_rows((current or {}).get("rows"))
@@ -157,15 +174,15 @@ def build_lora_panel(session: Session, prompt: gr.Textbox) -> LoraPanel:
                 gr.Markdown("No LoRAs in the stack: pick one above, or type `<lora:name:1>` in the prompt.",
                             elem_id="lora-stack-empty", key="empty")
             for row in current:
-                _render_row(catalog, row, rows, layout, prompt, action)
+                _render_row(catalog, row, rows, layout, prompt, action, session, scrub)
 
-    panel = LoraPanel(catalog, search, refresh, browser, note, rows, layout, shown, action)
+    panel = LoraPanel(catalog, search, refresh, browser, note, rows, layout, shown, action, scrub_image, scrub_note)
     _wire_browser(panel, session, prompt)
     return panel
 
 
 def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, layout: gr.State, prompt: gr.Textbox,
-                action: gr.Markdown) -> None:
+                action: gr.Markdown, session: Session, scrub: tuple | None) -> None:
     name, tag_id = row["name"], slug(row["name"])
     label, info = row_label(catalog, row)
     entry = lookup(catalog, name)
@@ -190,6 +207,8 @@ def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, layout: gr.State
                 chips = [gr.Button(f"+ {word}", size="sm", scale=0, key=f"chip-{name}-{i}",
                                    elem_id=f"lora-chip-{tag_id}-{i}", elem_classes="lora-chip")
                          for i, word in enumerate(words)]
+        # LoCon/LyCORIS files have conv layers in the 8 blocks the 12-block SDXL layout leaves out
+        lycoris = entry is not None and entry.format not in ("kohya", "peft", "dora", "")
 
     def wire(listener, kind: str, fn, inputs: list, outputs: list, options: dict[str, Any]) -> None:
         listener(fn, inputs, outputs, key=f"{kind}-{name}", **options)  # keyed: the same event across re-renders
@@ -217,6 +236,22 @@ def _render_row(catalog: LoraCatalog, row: Row, rows: gr.State, layout: gr.State
     wire(drop.click, "remove", lambda rs, text: changed(remove_row(rs, name), text), ins, outs, ROWS)
     for i, (chip, word) in enumerate(zip(chips, words)):
         wire(chip.click, f"chip{i}", lambda text, w=word: add_word(text, w), [prompt], [prompt], QUICK)
+    with gr.Group(elem_classes="lora-row-adv", key=f"adv-group-{name}"):
+        render_blocks(row, tag_id, rows, prompt, session.lbw_presets, changed, outs, wire, ROWS, QUICK, lycoris)
+    if scrub is not None and row.get("scrub"):
+        scrubber, form, image, note = scrub
+
+        def scrub_step(w: float, rs: list[Row], text: str, negative: str, seed: float | None, cfg: float,
+                       width: float, height: float, sampler: str, request: gr.Request):
+            values = {"negative": negative, "seed": seed, "cfg": cfg, "width": width, "height": height,
+                      "sampler": sampler}
+            picture, line = scrubber.run(owner_of(request), name, w, rs, text, values)
+            if picture is None:
+                return gr.skip(), gr.skip()
+            return gr.Image(value=picture, visible=True), line
+
+        # .input: the user's own moves only (a re-draw setting the value must not start a job)
+        wire(weight.input, "scrub", scrub_step, [weight, rows, prompt, *form.inputs()], [image, note], SCRUB_EVENT)
 
 
 def _wire_browser(panel: LoraPanel, session: Session, prompt: gr.Textbox) -> None:

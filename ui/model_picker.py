@@ -22,7 +22,7 @@ import gradio as gr
 from studio.errors import StudioError
 from studio.models.catalog import ModelCatalog, ModelEntry
 from studio.session import Session
-from studio.settings import load_settings, save_settings
+from studio.settings import update_settings_file
 from studio.warm_pipeline import LOAD_STAGES
 from ui.access import ServerInfo, is_local
 from ui.errors import engine_call
@@ -67,14 +67,28 @@ def memory_line(session: Session, model: ModelEntry | None, vae: ModelEntry | No
     return text
 
 
-def choices(catalog: ModelCatalog) -> tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]:
-    """(model choices, VAE choices, lines about files that cannot be used)."""
+def choices(catalog: ModelCatalog, local: bool = True) -> tuple[list[tuple[str, str]], list[tuple[str, str]],
+                                                                 list[str]]:
+    """(model choices, VAE choices, lines about files that cannot be used).
+
+    A choice's value is its path, for the person at this computer; a visitor through the public
+    link, who cannot load a model anyway, gets the labels as values and no refusals (they name
+    files), so no local path reaches their page (issue 11).
+    """
     models = [(DEMO_LABEL, DEMO)]
     models += [(f"{e.name} · {'single file' if e.kind == 'checkpoint' else 'diffusers folder'} · {weights(e.params)}",
                 str(e.path)) for e in catalog.models() if e.usable]
     vaes = [(OWN_VAE_LABEL, OWN_VAE)] + [(f"{e.name} · {e.detail}", str(e.path)) for e in catalog.vaes() if e.usable]
+    if not local:
+        return [(label, label if value else value) for label, value in models], \
+            [(label, label if value else value) for label, value in vaes], []
     bad = [f"- ⚠ {e.reason}" for e in catalog.entries() if not e.usable]
     return models, vaes, bad
+
+
+def _label_of(rows: list[tuple[str, str]], value: str) -> str:
+    """The label of the choice whose value (path) is `value`; the demo and the own VAE ("") stay as they are."""
+    return next((label for label, path in rows if path == value), Path(value).name) if value else value
 
 
 def build_model_picker(session: Session) -> ModelPicker:
@@ -106,14 +120,24 @@ def wire_model_picker(picker: ModelPicker, session: Session, server: ServerInfo,
     catalog = picker.catalog
     quick: dict[str, Any] = {"queue": False, "api_visibility": "private", "show_progress": "hidden"}
 
-    def describe(model_value: str, vae_value: str) -> str:
-        return memory_line(session, catalog.find(model_value) if model_value else None,
-                           catalog.find(vae_value) if vae_value else None)
+    def find(value: str) -> ModelEntry | None:
+        """The entry a dropdown value names: its path, or (for a visitor) its label."""
+        if not value:
+            return None
+        labelled = {label: path for label, path in (row for rows in choices(catalog)[:2] for row in rows)}
+        return catalog.find(labelled.get(value, value))
 
-    def rescan() -> tuple[Any, Any, str]:
+    def describe(model_value: str, vae_value: str) -> str:
+        return memory_line(session, find(model_value), find(vae_value))
+
+    def rescan(request: gr.Request) -> tuple[Any, Any, str]:
+        local = is_local(request, server)
         catalog.scan([Path(d) for d in session.settings.model_dirs])
-        models, vaes, bad = choices(catalog)
+        models, vaes, bad = choices(catalog, local)
         model_value, vae_value = current(session)
+        if not local:  # the label of what is loaded, not its path
+            here_models, here_vaes, _ = choices(catalog)
+            model_value, vae_value = _label_of(here_models, model_value), _label_of(here_vaes, vae_value)
         if model_value not in {v for _, v in models}:
             models.append((Path(model_value).name or model_value, model_value))  # loaded from outside the folders
         if vae_value not in {v for _, v in vaes}:
@@ -160,8 +184,6 @@ def _remember(session: Session, model_value: str, vae_value: str) -> None:
     """Keep the choice for the next start (the settings file's `model` and `vae`), as A1111 does."""
     path = session.dirs.settings_file
     try:
-        saved = load_settings(path)
-        if (saved.model, saved.vae) != (model_value, vae_value):
-            save_settings(saved.replace(model=model_value, vae=vae_value), path)
+        update_settings_file(path, model=model_value, vae=vae_value)
     except (OSError, StudioError) as err:
         log.warning("the model choice was loaded but not saved to %s: %s", path, err)

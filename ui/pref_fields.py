@@ -18,13 +18,16 @@ APPLIES_BADGE = {Applies.NOW: "⚡ applies now", Applies.MODEL_RELOAD: "⟳ appl
                  Applies.RESTART: "⚙ needs a restart"}
 SECTIONS: dict[str, tuple[str, ...]] = {
     "Model and files": ("model", "vae", "model_dirs", "device", "precision", "outputs_dir"),
-    "LoRAs": ("lora_dirs", "lora_mode", "unpatch_lora_by_vram_offload", "lora_cache_mb"),
+    "LoRAs": ("lora_dirs", "lora_mode", "unpatch_lora_by_vram_offload", "lora_cache_mb", "lbw_presets"),
     "Memory": ("memory_mode", "stream_lookahead", "fp8_storage", "ram_limit_mb", "vram_limit_mb",
                "working_memory_mb"),
     "Generation defaults": ("default_steps", "default_cfg", "live_preview"),
     "Server and public link": ("port", "share", "auth_user", "auth_password"),
 }
 SECRET_FIELDS = frozenset({"auth_password"})
+PATH_FIELDS = frozenset({"model", "vae", "model_dirs", "lora_dirs", "outputs_dir"})
+HIDDEN_PATH = "(a folder on the computer running LoRA Studio)"
+MULTILINE_FIELDS = {"lbw_presets": "MYSTYLE:1,0,0,1,1,1,1,1,1,0,0,0"}
 
 
 def info_for(name: str) -> SettingInfo:
@@ -55,7 +58,10 @@ def widget_info(name: str, running: str | None = None) -> str:
 
 
 def describe_value(name: str, value: Any, local: bool = True) -> str:
-    """A value in words: on/off for switches, "(empty)" for nothing, secrets masked for visitors."""
+    """A value in words: on/off for switches, "(empty)" for nothing, a secret only as "(set)", local
+    paths only for the person at this computer ("Login password: (set) → (empty)")."""
+    if name in SECRET_FIELDS:
+        return "(set)" if value else "(empty)"
     if isinstance(value, bool):
         return "on" if value else "off"
     text = shown(name, to_widget(value), local)
@@ -78,6 +84,8 @@ def make_widget(name: str) -> gr.components.Component:
         return gr.Number(**common)
     if isinstance(default, tuple):
         return gr.Textbox(lines=2, placeholder="one folder per line", **common)
+    if name in MULTILINE_FIELDS:
+        return gr.Textbox(lines=3, placeholder=MULTILINE_FIELDS[name], **common)
     return gr.Textbox(type="password" if name in SECRET_FIELDS else "text", **common)
 
 
@@ -105,7 +113,13 @@ def from_widget(name: str, value: Any) -> Any:
 
 
 def shown(name: str, value: Any, local: bool) -> Any:
-    """What a visitor may see: secrets only on this computer."""
-    if name in SECRET_FIELDS and not local:
-        return "" if not value else "••••••••"
+    """What a visitor may see of a saved value. A secret is never sent, to anyone (its widget stays
+    empty; whether one is set is said apart): "local" is decided from the Host header, and behind a
+    proxy that rewrites it every visitor looks local (ui/access.py). A local path (model, LoRA and
+    outputs folders) only to the person at this computer (issue 11)."""
+    if name in SECRET_FIELDS:
+        return ""
+    if name in PATH_FIELDS and not local and value:
+        return HIDDEN_PATH
     return value
+

@@ -21,16 +21,18 @@ from typing import Any
 
 import gradio as gr
 
-from studio.errors import SettingsError
+from studio.errors import InputError, SettingsError
+from studio.outputs import check_outputs_dir
 from studio.session import Session
-from studio.settings import Applies, Settings, field_names, load_settings, save_settings, to_dict
+from studio.settings import Applies, Settings, SettingsFile, field_names, read_settings, save_settings, to_dict
 from ui.access import ServerInfo, is_local
 from ui.errors import engine_call
-from ui.pref_checks import check_folders, problems, refusal
-from ui.pref_fields import (APPLIES_BADGE, describe_value, from_widget, info_for, make_widget, sections, shown,
-                            to_widget, widget_info)
+from ui.pref_checks import check_folders, labelled, problems, refusal
+from ui.pref_fields import (APPLIES_BADGE, SECRET_FIELDS, describe_value, from_widget, info_for, make_widget, sections,
+                            shown, to_widget, widget_info)
 from ui.report_view import render_unpatch_costs
 
+SERVED_CHECK_FIELDS = frozenset({"outputs_dir", "model", "vae", "model_dirs", "lora_dirs"})  # see check_served
 READ_ONLY_NOTE = ("🔒 **Read-only through the public link.** Preferences can be changed only on the computer "
                   "running LoRA Studio.")
 
@@ -70,28 +72,52 @@ class Change:
         return info_for(self.name).applies
 
     def describe(self) -> str:
-        old, new = (describe_value(self.name, v, False) for v in (self.old, self.new))
+        old, new = (describe_value(self.name, v) for v in (self.old, self.new))
         return f"**{info_for(self.name).label}**: {old} → {new} ({APPLIES_BADGE[self.applies]})"
+
+    def to_api(self) -> dict[str, Any]:
+        """For /save_preferences and /reset_preferences: a secret says only whether it is set."""
+        if self.name in SECRET_FIELDS:
+            return {"from": describe_value(self.name, self.old), "to": describe_value(self.name, self.new),
+                    "applies": self.applies.value}
+        return {"from": to_widget(self.old), "to": to_widget(self.new), "applies": self.applies.value}
+
+
+def check_served(session: Session, new: Settings) -> None:
+    """The outputs folder is served to every visitor: it must be a folder of its own, holding none of
+    the folders the app reads (studio/outputs.py); SettingsError says why not."""
+    check_outputs_dir(new.outputs_dir, session.dirs, model=new.model, lora_dirs=new.lora_dirs,
+                      model_dirs=new.model_dirs, vae=new.vae)
+
+
+def saved_file(session: Session) -> SettingsFile:
+    """What the settings file holds (defaults when there is none yet), and which values fell back."""
+    return read_settings(session.dirs.settings_file, warn=False)  # warned once, at start
 
 
 def saved_settings(session: Session) -> Settings:
-    """What the settings file holds (defaults when there is none yet)."""
-    return load_settings(session.dirs.settings_file)
+    return saved_file(session).settings
 
 
-def commit(session: Session, new: Settings) -> list[Change]:
+def commit(session: Session, new: Settings, touched: set[str]) -> list[Change]:
     """Apply what changed (except restart-only fields) to the session, then write the file.
 
     The session goes first: apply_settings raises before changing anything, so a value
-    the engine refuses (cuda without a GPU) is never saved either.
+    the engine refuses (cuda without a GPU) is never saved either. A value of the file that
+    fell back to its default is written back as it was unless `touched` names its field: a
+    Save never writes a default the user did not choose (issue 11).
     """
-    old = saved_settings(session)
+    file = saved_file(session)
+    old = file.settings
+    keep_raw = {name: fallback.raw for name, fallback in file.fallbacks.items() if name not in touched}
     changes = [Change(n, getattr(old, n), getattr(new, n)) for n in field_names() if getattr(old, n) != getattr(new, n)]
+    if SERVED_CHECK_FIELDS & {c.name for c in changes}:
+        check_served(session, new)
     live = {c.name: to_dict(new)[c.name] for c in changes if c.applies is not Applies.RESTART}
     if live:
         session.apply_settings(session.settings.replace(**live))
     try:
-        save_settings(new, session.dirs.settings_file)
+        save_settings(new, session.dirs.settings_file, keep_raw=keep_raw)
     except OSError as err:
         raise SettingsError(f"could not write {session.dirs.settings_file} ({err.strerror or err})") from None
     return changes
@@ -100,20 +126,37 @@ def commit(session: Session, new: Settings) -> list[Change]:
 def save_changes(session: Session, server: ServerInfo, changes: dict[str, Any],
                  request: gr.Request | None) -> list[Change]:
     """Validate `changes` against the saved settings and commit them; nothing is saved on error."""
-    _require_local(server, request)
     with engine_call():
+        _require_local(server, request)
         unknown = sorted(set(changes) - set(field_names()))
         if unknown:
             raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
         saved = saved_settings(session)
         check_folders({n: v for n, v in changes.items() if v != to_widget_plain(saved, n)})
-        return commit(session, saved.replace(**changes))
+        return commit(session, saved.replace(**changes), touched=set(changes))
 
 
 def reset_to_defaults(session: Session, server: ServerInfo, request: gr.Request | None) -> list[Change]:
-    _require_local(server, request)
     with engine_call():
-        return commit(session, Settings(extra=saved_settings(session).extra))
+        _require_local(server, request)
+        return commit(session, Settings(extra=saved_settings(session).extra), touched=set(field_names()))
+
+
+def edited(saved: Settings, values: dict[str, Any]) -> dict[str, Any]:
+    """The panel sends every widget: keep the fields whose value differs from the file's (a value
+    that cannot be read counts as edited, so Save names what is wrong with it). An empty secret
+    box keeps the saved secret: the panel never receives it, so it cannot send it back."""
+    out = {}
+    for name, value in values.items():
+        if name in SECRET_FIELDS and not value:
+            continue
+        try:
+            same = getattr(saved.replace(**{name: value}), name) == getattr(saved, name)
+        except SettingsError:
+            same = False
+        if not same:
+            out[name] = value
+    return out
 
 
 def pending_reset(session: Session) -> list[Change]:
@@ -125,8 +168,8 @@ def pending_reset(session: Session) -> list[Change]:
 
 def _require_local(server: ServerInfo, request: gr.Request | None) -> None:
     if not is_local(request, server):
-        raise gr.Error("Preferences are read-only through the public link; change them on the computer running "
-                       "LoRA Studio.", print_exception=False)
+        raise InputError("Preferences are read-only through the public link; change them on the computer running "
+                         "LoRA Studio.")
 
 
 def report_changes(changes: list[Change], verb: str) -> str:
@@ -190,15 +233,22 @@ def build_preferences(session: Session) -> PreferencesPanel:
 def panel_values(panel: PreferencesPanel, session: Session, server: ServerInfo, request: gr.Request | None) -> dict:
     """Every widget from the settings file; read-only for remote visitors. Used on page load and after Save."""
     local = is_local(request, server)
-    saved = saved_settings(session)
+    file = saved_file(session)
+    saved = file.settings
     running = running_values(session, server)
     out: dict = {}
     for name, widget in panel.widgets.items():
         now = describe_value(name, running[name], local) if running[name] != getattr(saved, name) else None
         out[widget] = gr.update(value=shown(name, to_widget(getattr(saved, name)), local), interactive=local,
                                 info=widget_info(name, now))
+    for name in SECRET_FIELDS & panel.widgets.keys():  # never sent; the box says whether one is saved
+        out[panel.widgets[name]]["placeholder"] = ("saved (never shown): type a new one to replace it"
+                                                   if getattr(saved, name) else "none saved")
     where = f"Loaded from `{session.dirs.settings_file}`." if local else READ_ONLY_NOTE
     extra = running_differences(session, server, saved) if local else ""
+    if local and file.fallbacks:
+        extra = "\n\n".join(filter(None, [extra, "⚠ Not used from the file (fix them here, or in the file): "
+                                             + "; ".join(file.warnings()) + "."]))
     out[panel.note] = where + (f"\n\n{extra}" if extra else "")
     out[panel.unpatch_costs] = render_unpatch_costs(list(session.history))
     out[panel.save] = gr.update(interactive=local)
@@ -234,15 +284,24 @@ def wire_preferences(panel: PreferencesPanel, session: Session, server: ServerIn
     def save_panel(values: dict, request: gr.Request) -> dict:
         _require_local(server, request)
         changes = {by_widget[w]: from_widget(by_widget[w], v) for w, v in values.items() if w in by_widget}
+        with engine_call():
+            _require_local(server, request)
+        changes = {by_widget[w]: from_widget(by_widget[w], v) for w, v in values.items() if w in by_widget}
         saved = saved_settings(session)
-        changed = {n: v for n, v in changes.items() if v != to_widget_plain(saved, n)}
+        changed = edited(saved, changes)
         found = problems(saved, changed)
+        if not found and SERVED_CHECK_FIELDS & changed.keys():
+            try:
+                check_served(session, saved.replace(**changed))
+            except SettingsError as err:
+                found["outputs_dir"] = labelled(str(err))
         if found:
             return {**{c: gr.skip() for c in outputs}, **_errors_shown(panel, found), panel.result: refusal(found)}
         return after(save_changes(session, server, changed, request), "Saved", request)
 
     def ask_reset(request: gr.Request) -> dict:
-        _require_local(server, request)
+        with engine_call():
+            _require_local(server, request)
         pending = pending_reset(session)
         if not pending:
             return {c: gr.skip() for c in outputs} | {panel.result: "Reset: every preference is already at its "
@@ -268,21 +327,23 @@ def wire_preferences(panel: PreferencesPanel, session: Session, server: ServerIn
     def save_preferences(changes: dict, request: gr.Request) -> dict:
         """Change settings by name, e.g. {"default_steps": 30}; invalid values are refused and nothing is saved."""
         done = save_changes(session, server, changes, request)
-        return {"changed": {c.name: {"from": to_widget(c.old), "to": to_widget(c.new), "applies": c.applies.value}
-                            for c in done}}
+        return {"changed": {c.name: c.to_api() for c in done}}
 
     def reset_preferences(request: gr.Request) -> dict:
         """Put every setting back to its default; returns what changed."""
         done = reset_to_defaults(session, server, request)
-        return {"changed": {c.name: {"from": to_widget(c.old), "to": to_widget(c.new), "applies": c.applies.value}
-                            for c in done}}
+        return {"changed": {c.name: c.to_api() for c in done}}
 
     def preferences(request: gr.Request) -> dict:
-        """The saved settings, each with when a change applies (secrets only for this computer)."""
+        """The saved settings, each with when a change applies. A secret is never returned (`set` says
+        whether one is saved); local paths only to this computer."""
         local = is_local(request, server)
         saved = to_dict(saved_settings(session))
-        return {name: {"value": shown(name, saved[name], local), "applies": info_for(name).applies.value}
-                for name in field_names()}
+        out = {name: {"value": shown(name, saved[name], local), "applies": info_for(name).applies.value}
+               for name in field_names()}
+        for name in SECRET_FIELDS & out.keys():
+            out[name]["set"] = bool(saved[name])
+        return out
 
     gr.api(save_preferences, api_name="save_preferences", concurrency_id="preferences")
     gr.api(reset_preferences, api_name="reset_preferences", concurrency_id="preferences")

@@ -52,7 +52,9 @@ def build_report_panel(session: Session) -> ReportPanel:
             table = gr.Markdown(render_report(history[-1]) if history else EMPTY_TABLE, elem_id="report-table")
         with gr.Column(scale=2):
             live_memory = gr.Markdown(live_memory_text(session.status()), elem_id="live-memory")
-            json_files = gr.File(value=json_paths(history[-1:]) or None, label="Report JSON (saved next to each PNG)",
+            # filled at page load, for the person at this computer or the visitor's own runs only: the
+            # page's first values go to every visitor, and a local run's JSON names local paths (issue 11)
+            json_files = gr.File(value=None, label="Report JSON (saved next to each PNG)",
                                  file_count="multiple", interactive=False, elem_id="report-json")
     gr.Markdown(f"### Recent generations (the last {HISTORY_SHOWN}, kept across restarts)")
     phase_plot = gr.HTML(phase_chart(history, PHASE_LABELS), elem_id="phase-plot")
@@ -60,8 +62,11 @@ def build_report_panel(session: Session) -> ReportPanel:
     return ReportPanel(table, json_files, live_memory, phase_plot, memory_plot)
 
 
-def refresh_report_panel(panel: ReportPanel, session: Session, own: list[Report] | None) -> dict:
-    """The visitor's last run in the table and its JSON (else the session's last), the history in the charts."""
+def refresh_report_panel(panel: ReportPanel, session: Session, own: list[Report] | None, local: bool = True) -> dict:
+    """The visitor's last run in the table and its JSON (else the session's last), the history in the charts.
+
+    A visitor through the public link gets the JSON of their own runs only (written without local
+    paths); the session's last run, maybe this computer's, shows as its table alone."""
     history = list(session.history)
     reports = own or history[-1:]
     if reports:
@@ -72,7 +77,7 @@ def refresh_report_panel(panel: ReportPanel, session: Session, own: list[Report]
             table = f"Batch of {len(reports)} images (seeds {seeds}), {total:.2f} s in all; the last one:\n\n" + table
     else:
         table = EMPTY_TABLE
-    return {panel.table: table, panel.json_files: json_paths(reports) or None,
+    return {panel.table: table, panel.json_files: (json_paths(reports) if own or local else []) or None,
             panel.phase_plot: phase_chart(history, PHASE_LABELS), panel.memory_plot: memory_chart(history)}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from studio.report import Report
+from studio.report import Report, load_breakdown
 
 _MB = 1024 * 1024
 PHASE_LABELS = {
@@ -15,6 +15,7 @@ PHASE_LABELS = {
     "lora_load": "LoRA load",
     "lora_patch": "LoRA patch",
     "lora_unpatch_reload": "LoRA unpatch (reload)",
+    "lora_step_switch": "LoRA step switch (start=/stop=)",
     "text_encode": "text encode",
     "denoise": "denoise",
     "vae_decode": "VAE decode",
@@ -60,8 +61,10 @@ def render_report(report: Report) -> str:
     head = (f"**{model.get('name')}** ({'built-in demo model' if model.get('demo') else model.get('kind')}, "
             f"hash {model.get('hash')}) on {report.device}/{report.dtype} · seed {req.get('seed')} · "
             f"{req.get('width')}×{req.get('height')} · {req.get('sampler')} · CFG {req.get('cfg')}")
-    lines = [head, "", step_line, "", "| phase | time | share |", "|---|---:|---:|", *rows, "",
-             *render_memory(report.memory)]
+    why = [f"Precision: {report.dtype_reason}"] if report.dtype_reason else []  # older reports have none
+    loaded = load_breakdown(report.model) if "model_load" in phases else ""
+    lines = [head, *why, "", step_line, *(["", f"Model load: {loaded}"] if loaded else []), "",
+             "| phase | time | share |", "|---|---:|---:|", *rows, "", *render_memory(report.memory)]
     if report.lora:
         lines += ["", *render_lora(report.lora)]
     preview = render_preview(report.preview)
@@ -128,7 +131,8 @@ def render_lora(lora: dict) -> list[str]:
             unmatched = row.get("unmatched_keys", 0)
             examples = ", ".join(f"`{k}`" for k in row.get("unmatched_examples", []))
             keys = f"{unmatched}: {examples}" if unmatched and examples else str(unmatched)
-            lines.append(f"| {row.get('name')} (`{row.get('hash', '')}`) | {row.get('weight')} | "
+            weight = f"{row.get('weight')}" + (f" `{row['options']}`" if row.get("options") else "")
+            lines.append(f"| {row.get('name')} (`{row.get('hash', '')}`) | {weight} | "
                          f"{row.get('format', '')} | {row.get('layers', '')} | {keys} | {row.get('cache', '')} |")
         lines.append("")
     else:
@@ -149,6 +153,13 @@ def render_lora(lora: dict) -> list[str]:
     if "unpatch_lora_by_vram_offload" in lora:
         details.append(f"mode {lora.get('mode', '?')}, unpatch_lora_by_vram_offload "
                        f"{'on' if lora['unpatch_lora_by_vram_offload'] else 'off'}")
+    for switch in lora.get("step_switches") or []:  # a start=/stop= boundary
+        work = (f"{switch.get('tensors_touched', 0)} tensors rewritten" if switch.get("method") == "incremental"
+                else f"{switch.get('sidecars_gated', 0)} sidecars gated")
+        details.append(f"step {switch.get('step')}: {work} in {1000 * float(switch.get('seconds', 0.0)):.1f} ms")
+    if lora.get("scrub"):
+        details.append(f"live scrub: {float(lora['scrub'].get('latency_seconds', 0.0)):.2f} s from the last slider "
+                       "change to this image")
     return lines + [" · ".join(details)] if details else lines
 
 

@@ -13,16 +13,17 @@ import logging
 import os
 import webbrowser
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from studio.errors import StudioError
 from studio.paths import ASSETS_DIR, app_dirs
 from studio.session import Session
-from studio.settings import load_settings
+from studio.settings import read_settings, remove_temp_leftovers
 from ui.access import ServerInfo, let_this_computer_in
+from ui.login_throttle import LoginThrottle
 from ui.share import Opener, PublicLink, login_for, open_tunnel
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,14 @@ class RunningApp:
 
 
 def served_folders(session: Session) -> tuple[list[str], list[str]]:
-    """(allowed, blocked): the outputs folder and the thumbnail cache are served; the config folder never."""
-    outputs = session.outputs_root
+    """(allowed, blocked): the outputs folder and the thumbnail cache are served; the config folder never.
+
+    `session.outputs_root` is a checked folder of its own (studio/outputs.py): a refused or uncreatable
+    `outputs_dir` has already fallen back to the default, with a notice for the status line.
+    """
     thumbnails = session.dirs.cache / "thumbnails"
-    for folder in (outputs, thumbnails):
-        folder.mkdir(parents=True, exist_ok=True)
-    return [str(outputs), str(thumbnails)], [str(session.dirs.config)]
+    thumbnails.mkdir(parents=True, exist_ok=True)
+    return [str(session.outputs_root), str(thumbnails)], [str(session.dirs.config)]
 
 
 def launch_app(session: Session, port: int | None = None, quiet: bool = False, share: bool = False,
@@ -72,7 +75,7 @@ def launch_app(session: Session, port: int | None = None, quiet: bool = False, s
                                  inbrowser=False, share=False, auth=credentials.pair if credentials else None,
                                  auth_message=AUTH_MESSAGE if credentials else None, allowed_paths=allowed,
                                  blocked_paths=blocked, footer_links=["api"], ssr_mode=False, max_file_size="20mb",
-                                 css_paths=[CSS])
+                                 css_paths=[CSS], app_kwargs={"middleware": [Middleware(LoginThrottle)]})
     server.port = app.server_port
     if credentials is not None:
         let_this_computer_in(app, server)
@@ -82,22 +85,33 @@ def launch_app(session: Session, port: int | None = None, quiet: bool = False, s
     return running
 
 
-def serve(args: argparse.Namespace) -> int:
+def start_session(args: argparse.Namespace) -> Session:
+    """The session `serve` runs: leftovers of a killed save removed, settings read (each bad value
+    falls back alone, with a warning on the console and a notice for the status line)."""
     dirs = app_dirs()
-    settings = load_settings(dirs.settings_file)
+    for leftover in remove_temp_leftovers(dirs.settings_file):
+        log.warning("removed %s, left by a settings save that was interrupted", leftover.name)
+    loaded = read_settings(dirs.settings_file)
+    settings = loaded.settings
+    overrides = {k: getattr(args, k) for k in ("model", "device", "precision") if getattr(args, k, None)}
+    if overrides:
+        settings = settings.replace(**overrides)
+    session = Session(settings, dirs)
+    session.notices.extend(f"settings.toml: {line}" for line in loaded.warnings())
+    return session
+
+
+def serve(args: argparse.Namespace) -> int:
     try:
-        overrides = {k: getattr(args, k) for k in ("model", "device", "precision") if getattr(args, k, None)}
-        if overrides:
-            settings = settings.replace(**overrides)
-        session = Session(settings, dirs)
+        session = start_session(args)
         info = session.load_model()
     except StudioError as err:
         print(f"error: {err}")
         return 2
     print(f"model: {info.source.name} ({info.source.kind.value}) loaded in {info.load_seconds:.2f}s "
-          f"on {session.runtime.device}/{session.runtime.dtype_name}")
-    port = args.port if args.port is not None else settings.port
-    share = bool(getattr(args, "share", False) or settings.share)
+          f"on {session.runtime.device}/{session.runtime.dtype_name} ({session.runtime.reason})")
+    port = args.port if args.port is not None else session.settings.port
+    share = bool(getattr(args, "share", False) or session.settings.share)
     running = launch_app(session, port=port or None, quiet=True, share=share, announce=print, start_tunnel=False)
     print(f"LoRA Studio is running at {running.local_url}  (Ctrl+C to quit)")
     if running.server.credentials is not None:

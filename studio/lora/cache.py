@@ -101,6 +101,14 @@ class LoraCache:
         self._lock = threading.RLock()
         self.stats = LoraCacheStats()
 
+    def set_budget(self, byte_budget: int) -> None:
+        """A new budget that holds now: unpinned entries over it are evicted at once (issue 11)."""
+        if byte_budget < 0:
+            raise ValueError(f"`byte_budget` must be >= 0, got {byte_budget}")
+        with self._lock:
+            self.byte_budget = int(byte_budget)
+            self._evict()
+
     # -- queries -------------------------------------------------------------------
     @property
     def bytes_used(self) -> int:

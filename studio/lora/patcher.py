@@ -9,10 +9,12 @@ Rules (DESIGN.md 4), each learned from a peer's bug:
 - Pristine copies live in CPU RAM (pinned for CUDA), snapshotted on first touch, and never
   alias the live tensor: InvokeAI #6559 patched its "read-only" copy in place on CPU.
 - Per tensor, the ordered (lora, weight) pairs applied are kept: the same stack again does
-  nothing, a moved slider recomputes only that LoRA's tensors.
+  nothing, a moved slider recomputes only that LoRA's tensors. A stack weight may be a float or
+  per-layer weights (`of(patch) -> float`, LoRA Block Weight's `LayerWeights`): each layer's entry
+  then carries its own weight, so moving one block recomputes only that block's tensors.
 - Transactional: everything is checked before any write; a failure half way rewrites each
   tensor the call touched to its previous state (from pristine, so bit-exact) and is raised
-  as one LoraError or OutOfMemory.
+  as OutOfMemory when memory ran out, else as itself (a bug keeps its traceback).
 - `unpatch_lora_by_vram_offload` (InvokeAI PR #6439 review, "Option 2"): drop the live tensor
   instead of copying pristine into it, and reload from pristine right before the next forward.
   The dropped tensor is an expanded NaN scalar (right shape, dtype, device; no memory; writes
@@ -30,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from types import TracebackType
+from typing import Protocol, Union
 
 import torch
 from torch import nn
@@ -37,15 +40,22 @@ from torch.utils.hooks import RemovableHandle
 
 from studio.choices import LoraMode
 from studio.dtypes import FP8_DTYPES
-from studio.errors import LoraError, OutOfMemory
-from studio.lora.base import LoraFile
-from studio.lora.merge import check_patch, merge_rows_cpu, merged_value
+from studio.errors import LoraError, OutOfMemory, StudioError
+from studio.lora.base import LayerPatch, LoraFile
+from studio.lora.merge import check_finite, check_patch, merge_rows_cpu, merged_value
 from studio.lora.sidecar import (Entry, MergeBlocker, SidecarSet, check_sidecar_module, compute_dtype_for,
                                  fp8_blocker)
 
 log = logging.getLogger(__name__)
 
-Stack = Sequence[tuple[LoraFile, float]]
+class PerLayer(Protocol):
+    """Weights that differ by layer (block weights); equal objects give equal weights everywhere."""
+
+    def of(self, patch: LayerPatch) -> float: ...
+
+
+Weight = Union[float, PerLayer]
+Stack = Sequence[tuple[LoraFile, Weight]]
 SlotKey = tuple[str, str, str]  # (component, module path, "weight" | "bias")
 Signature = tuple[tuple[int, float], ...]
 
@@ -172,7 +182,7 @@ class LoraPatcher:
             t0 = time.perf_counter()
             stats = PatchStats()
             try:
-                stack = [(lora, float(w)) for lora, w in stack]
+                stack = [(lora, _weight(w)) for lora, w in stack]
                 unchanged = self._unchanged(stack)
                 if not unchanged:
                     merged, sidecar = self._plan(stack)
@@ -189,6 +199,15 @@ class LoraPatcher:
             stats.seconds = time.perf_counter() - t0
             log.debug("LoRA apply: %s", stats)
             return stats
+
+    def gate(self, closed: Sequence[LoraFile]) -> int:
+        """Sidecar LoRAs in `closed` stop contributing (until the next gate); no weight is touched.
+
+        A step range in sidecar mode: switching at a step boundary costs no re-merge and no upload
+        after the first time. Returns how many sidecars changed.
+        """
+        with self._lock:
+            return self._sidecars.gate(frozenset(id(lora) for lora in closed))
 
     def clear(self) -> PatchStats:
         """Take every LoRA off (weights bit-identical to pristine, or dropped for reload)."""
@@ -234,7 +253,7 @@ class LoraPatcher:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def _unchanged(self, stack: list[tuple[LoraFile, float]]) -> bool:
+    def _unchanged(self, stack: list[tuple[LoraFile, Weight]]) -> bool:
         """The same non-empty stack again in merged mode, and nobody wrote a weight since: nothing to do.
 
         The common "generate again" case; skips `_plan` (per-layer lookups for every LoRA), so only
@@ -251,7 +270,7 @@ class LoraPatcher:
         return all(slot.stamp == _stamp(slot.param) for slot in self._slots.values())
 
     # -- planning: checks everything, writes nothing -------------------------------------------
-    def _plan(self, stack: list[tuple[LoraFile, float]]) -> tuple[dict[SlotKey, list[Entry]],
+    def _plan(self, stack: list[tuple[LoraFile, Weight]]) -> tuple[dict[SlotKey, list[Entry]],
                                                                     dict[tuple[str, str], list[Entry]]]:
         merged: dict[SlotKey, list[Entry]] = {}
         sidecar: dict[tuple[str, str], list[Entry]] = {}
@@ -259,18 +278,24 @@ class LoraPatcher:
         for lora, w in stack:
             if not isinstance(lora, LoraFile):
                 raise LoraError(f"a LoRA stack holds (LoraFile, weight) pairs, got {type(lora).__name__}")
-            if not math.isfinite(w):
+            if isinstance(w, float) and not math.isfinite(w):
                 raise LoraError(f"{lora.name}: `weight` must be a finite number, got {w}")
             if w == 0.0:
                 continue  # the same as absent: nothing to compute, nothing to keep
             checked = self._checked.get(id(lora)) is lora
-            for patch in lora.patches:
-                if self._partial and patch.component not in self.components:
-                    continue
+            mine = [p for p in lora.patches if not (self._partial and p.component not in self.components)]
+            if not checked:
+                for patch in mine:
+                    check_patch(lora, patch, self._module(lora, patch.component, patch.module), finite=False)
+                check_finite(lora, mine)  # all of the file at once: one min/max per dtype
+            for patch in mine:
                 module = self._module(lora, patch.component, patch.module)
-                if not checked:
-                    check_patch(lora, patch, module)
-                entry = (lora, w, patch)
+                pw = w if isinstance(w, float) else float(w.of(patch))
+                if pw == 0.0:
+                    continue  # a block at 0: this layer as without the LoRA
+                if not math.isfinite(pw):
+                    raise LoraError(f"{lora.name}: layer {patch.module} gets the weight {pw}, not a finite number")
+                entry = (lora, pw, patch)
                 if mode is LoraMode.SIDECAR or (mode is LoraMode.AUTO and self._merge_blocker(module)):
                     check_sidecar_module(lora, patch.module, module)
                     sidecar.setdefault((patch.component, patch.module), []).append(entry)
@@ -450,27 +475,51 @@ class LoraPatcher:
 
     def _rollback(self, journal: list[tuple[SlotKey, list[Entry], bool]],
                   car_journal: list[tuple[tuple[str, str], list[Entry]]]) -> None:
-        """Put back what this call changed, newest first; recomputing from pristine is bit-exact."""
+        """Put back what this call changed, newest first; recomputing from pristine is bit-exact.
+
+        Every entry is tried even when one fails (issue 11): a tensor that cannot be recomputed
+        goes back to pristine; one that cannot even be restored is logged and marked unknown, so
+        the next apply rewrites it; the rest of the rollback runs either way.
+        """
         scratch = PatchStats()
         for key, entries, was_dropped in reversed(journal):
+            slot = self._slots[key]
             try:
-                self._write(key, self._slots[key], entries, was_dropped, scratch)
+                self._write(key, slot, entries, was_dropped, scratch)
             except Exception:  # noqa: BLE001 - cannot recompute (OOM): pristine is the honest fallback
                 log.exception("LoRA rollback of %s failed; restoring it to pristine", key)
-                self._write(key, self._slots[key], [], False, scratch)
+                try:
+                    self._write(key, slot, [], False, scratch)
+                except Exception:  # noqa: BLE001 - keep going: the other tensors must still be put back
+                    log.exception("LoRA rollback could not restore %s either; the next apply rewrites it", key)
+                    slot.stamp = None  # its signature no longer matches anything: never skipped
         for key, entries in reversed(car_journal):
             try:
                 self._set_sidecar(key, entries)
             except Exception:  # noqa: BLE001
                 log.exception("LoRA rollback of sidecar %s failed; removing it", key)
-                self._set_sidecar(key, [])
+                try:
+                    self._set_sidecar(key, [])
+                except Exception:  # noqa: BLE001
+                    log.exception("LoRA rollback could not remove sidecar %s", key)
+
+
+def _weight(w: Weight) -> Weight:
+    """A float, or per-layer weights as they are (anything with `of(patch)`)."""
+    return w if hasattr(w, "of") else float(w)
 
 
 def _reraise(err: BaseException) -> None:
-    """Raise one LoraError or OutOfMemory for the user; other BaseExceptions (Ctrl-C) pass unchanged."""
-    if isinstance(err, (LoraError, OutOfMemory)) or not isinstance(err, Exception):
-        raise err
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(err).lower():
+    """Raise what the user should see, after the rollback: OutOfMemory for an out-of-memory error
+    (by its type: torch's and the host's), the error itself for everything else.
+
+    Bad input is refused as a LoraError before any write (`_plan`, `check_patch`), so anything
+    else that arrives here is a bug: it keeps its type and traceback (a note says the weights were
+    restored) instead of passing for a bad LoRA file. An error whose text merely says "out of
+    memory" is not taken for one (issue 11, item 12).
+    """
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
         raise OutOfMemory(f"out of memory while applying LoRAs; the weights were restored ({err})") from err
-    raise LoraError(f"applying the LoRA stack failed; the weights were restored ({type(err).__name__}: {err})") \
-        from err
+    if isinstance(err, Exception) and not isinstance(err, StudioError):
+        err.add_note("LoRA Studio: the patcher rolled back; the weights are as they were before this apply")
+    raise err

@@ -4,8 +4,10 @@
 header (names, shapes, metadata) for the LoRA browser. Checks run before any tensor is
 used, in the order a user would want to hear about them: missing / directory / empty,
 pickle (never unpickled: .ckpt/.pt/.bin or pickle/zip magic bytes), corrupt or
-truncated header, wrong base model, NaN/Inf, keys that match nothing, shape mismatch.
-Reading changes nothing, so a refused file leaves the model as it was.
+truncated header, not a LoRA at all (a checkpoint: plain weights), wrong base model, NaN/Inf,
+keys that match nothing, shape mismatch. Reading changes nothing, so a refused file leaves the
+model as it was. No message echoes a file's bytes (its header length, its size): an error can
+reach a visitor through the public link.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from studio.errors import LoraError
 from studio.file_formats import MAX_HEADER_BYTES, PICKLE_SUFFIXES, SAFETENSORS_DTYPE_BYTES
 from studio.lora import file_metadata as md
 from studio.lora.base import LoraFile
-from studio.lora.formats import guess_format, parse_tensors
+from studio.lora.formats import guess_format, parse_tensors, split_key
+from studio.lora.formats.common import all_finite
 from studio.lora.keymap import ModelIndex
 
 logger = logging.getLogger(__name__)
@@ -88,8 +91,8 @@ def _parse_header(path: Path, size: int) -> Header:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8).ljust(8, b"\0"), "little")
         if size < 8 or n == 0 or n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ValueError(f"the header length field says {n} bytes but the file has {size}: "
-                             "truncated or not a safetensors file")
+            # No numbers: the "length" is the file's first 8 bytes, whatever the file is (issue 11).
+            raise ValueError("not a safetensors file, or a truncated one (its header does not fit the file)")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -110,10 +113,9 @@ def _parse_header(path: Path, size: int) -> Header:
         if dtype not in SAFETENSORS_DTYPE_BYTES or any(s < 0 for s in shape) or not 0 <= start <= end:
             raise ValueError(f"corrupt header entry for tensor {key} ({dtype}, {list(shape)})")
         if end - start != math.prod(shape) * SAFETENSORS_DTYPE_BYTES[dtype]:
-            raise ValueError(f"corrupt header: tensor {key} {dtype}{list(shape)} does not fit its {end - start} bytes")
+            raise ValueError(f"corrupt header: tensor {key} {dtype}{list(shape)} does not fit its byte range")
         if end > data_size:
-            raise ValueError(f"truncated: tensor {key} needs bytes up to {end} of the data but the file "
-                             f"holds only {data_size}")
+            raise ValueError(f"truncated: tensor {key} ends past the end of the file")
         shapes[key], dtypes[key], end_max = shape, dtype, max(end_max, end)
     return Header(n, shapes, dtypes, {str(k): str(v) for k, v in meta.items()})
 
@@ -129,6 +131,28 @@ def read_header(path: str | Path) -> Header:
             raise _fail(path, "this is a pickle (zip/pickle magic bytes) under a safetensors name; "
                               "LoRA Studio never unpickles") from None
         raise _fail(path, str(err)) from None
+
+
+# A LoRA's tensors are parts of patches (`lora_down`, `hada_w1_a`, `diff`, `alpha`, ...); a checkpoint's
+# are plain weights. A few plain tensors ride along in real LoRAs (bundled embeddings); an SDXL
+# checkpoint has ~2,500 of them. The largest LoRA layouts (LoKr/DoRA over every SDXL layer, both
+# text encoders) stay under ~8,000 tensors.
+MAX_PLAIN_TENSORS = 64
+MAX_LORA_TENSORS = 20_000
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.",
+                       "cond_stage_model.")
+
+
+def _check_is_lora(path: Path, header: Header) -> None:
+    """Refuse a checkpoint (or any plain weights file) from its header, before a tensor is read."""
+    count = len(header.shapes)
+    if count > MAX_LORA_TENSORS:
+        raise _fail(path, f"{count} tensors is more than any LoRA has; is this a model checkpoint?")
+    plain = [key for key in header.shapes if split_key(key) is None]
+    if len(plain) > MAX_PLAIN_TENSORS and 2 * len(plain) > count:
+        example = next((k for k in plain if k.startswith(CHECKPOINT_PREFIXES)), plain[0])
+        raise _fail(path, f"not a LoRA: {len(plain)} of its {count} tensors are plain model weights (e.g. {example}), "
+                          "as in a checkpoint. A model goes in the `model` setting; a LoRA folder holds LoRAs")
 
 
 def _check_base(path: Path, header: Header) -> tuple[str, str]:
@@ -147,13 +171,14 @@ def _load_tensors(path: Path, header: Header) -> dict[str, torch.Tensor]:
                 tensors[key] = f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError) as err:  # offsets our header check allows but the format not
         raise _fail(path, f"corrupt tensor data ({err})") from None
-    for key, t in tensors.items():
-        if t.is_floating_point():
-            finite = torch.isfinite(t.float() if t.element_size() == 1 else t)
-            if not bool(finite.all()):
-                what = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
-                raise _fail(path, f"tensor {key} contains {what} values ({int((~finite).sum())} of {t.numel()}); "
-                                  "the file is broken")
+    if not all_finite(tensors.values()):  # one min/max per dtype, not two ops per tensor
+        for key, t in tensors.items():  # only for a broken file: name the first bad tensor
+            if t.is_floating_point():
+                finite = torch.isfinite(t.float())
+                if not bool(finite.all()):
+                    what = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
+                    raise _fail(path, f"tensor {key} contains {what} values ({int((~finite).sum())} of {t.numel()}); "
+                                      "the file is broken")
     return tensors
 
 
@@ -161,6 +186,7 @@ def read_lora(path: str | Path, index: ModelIndex) -> LoraFile:
     """Parse a LoRA file into per-layer patches for the model `index` describes."""
     path = Path(path)
     header = read_header(path)
+    _check_is_lora(path, header)
     base, _ = _check_base(path, header)
     tensors = _load_tensors(path, header)
     try:
@@ -187,6 +213,7 @@ def inspect_lora(path: str | Path, with_hash: bool = False) -> LoraInfo:
     """
     path = Path(path)
     header = read_header(path)
+    _check_is_lora(path, header)  # a checkpoint in a LoRA folder shows as not usable, with the reason
     base, evidence = md.detect_base_model(header.metadata, header.shapes)
     components = sorted({c for k in header.shapes for c, heads in _COMPONENT_HEADS.items() if k.startswith(heads)})
     meta = header.metadata

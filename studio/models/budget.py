@@ -129,12 +129,17 @@ def oom_guard(cache=None, what: str = "the generation") -> Iterator[None]:
     Wrap it OUTSIDE the locks and phases: they unwind first (their `finally` blocks restore the
     cache's counts and put weights back at rest), then this drops every unlocked device copy and
     the allocator's cache, checks the cache is consistent, and raises one clear error.
+
+    `cache` may be a callable returning the cache (or None): it is asked when the OOM happens, so
+    a guard entered before a cold model load still frees the cache that load created (issue 11).
     """
     try:
         yield
     except BaseException as err:
         if not is_oom(err):
             raise
+        if callable(cache):
+            cache = cache()
         freed = cache.drop_device_copies() if cache is not None else 0
         gc.collect()
         if torch.cuda.is_available():

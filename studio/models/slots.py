@@ -21,14 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from studio.errors import PristineCorrupted
+
 log = logging.getLogger(__name__)
 
 ALIGN = 256  # bytes: keeps every dtype view aligned and DMA-friendly
 Owner = tuple[nn.Module, str, bool]  # (module, attribute, is_parameter)
-
-
-class PristineCorrupted(RuntimeError):
-    """Weights were written while pointing at the pristine copy (a bug: write only under a lock)."""
 
 
 def nbytes(t: torch.Tensor) -> int:

@@ -60,6 +60,20 @@ def test_truncated_file(tmp_path):
     refused(path, "truncated")
 
 
+def test_no_message_echoes_the_bytes_or_the_size_of_a_file(tmp_path):
+    """The header-length message printed a file's first 8 bytes as a number, and its size (issue 11)."""
+    secret = b"root:x:0:0:root:/root:/bin/bash\n" * 3
+    path = tmp_path / "passwd.safetensors"
+    path.write_bytes(secret)
+    message = refused(path, "not a safetensors file")
+    length = str(int.from_bytes(secret[:8], "little"))
+    assert length not in message and str(len(secret)) not in message and "root" not in message
+    full = fx.write(tmp_path / "cut.safetensors", good_tensors())
+    full.write_bytes(full.read_bytes()[:-100])
+    message = refused(full, "truncated", "ends past the end of the file")
+    assert str(full.stat().st_size) not in message and str(full.stat().st_size - 100) not in message
+
+
 def test_corrupt_header(tmp_path):
     path = tmp_path / "garbage.safetensors"
     path.write_bytes(struct.pack("<Q", 16) + b"{not json at all" + b"\0" * 32)
@@ -175,6 +189,29 @@ def test_non_finite_tensor_is_named(tmp_path, bad, word):
     tensors[key] = tensors[key].clone()
     tensors[key][0, 0] = bad
     refused(fx.write(tmp_path / "nan.safetensors", tensors), key, word)
+
+
+@pytest.mark.parametrize("chunk", [1 << 25, 100])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_non_finite_value_in_any_dtype_or_chunk_is_found(tmp_path, monkeypatch, dtype, chunk):
+    """The file-wide min/max check (one per dtype, in chunks of FINITE_CHUNK elements) sees every tensor."""
+    import studio.lora.formats.common as common
+
+    monkeypatch.setattr(common, "FINITE_CHUNK", chunk)
+    tensors = {k: v.to(dtype) for k, v in good_tensors().items()}
+    key = sorted(k for k in tensors if k.endswith("lora_down.weight"))[-1]  # the last of its dtype group
+    tensors[key][-1, -1] = float("nan")
+    refused(fx.write(tmp_path / "nan-last.safetensors", tensors), key, "NaN")
+    tensors[key][-1, -1] = 0.0
+    assert read_lora(fx.write(tmp_path / "fine.safetensors", tensors), fx.index()).patches
+
+
+def test_all_finite_skips_integers_and_empty_tensors():
+    from studio.lora.formats.common import all_finite
+
+    assert all_finite([torch.arange(5), torch.empty(0), torch.ones(3, dtype=torch.bfloat16)])
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, -float("inf")], dtype=torch.float16)])
+    assert all_finite([])
 
 
 def test_incomplete_and_mixed_layers(tmp_path):

@@ -48,6 +48,42 @@ def test_row_blocks_equal_one_addmm_and_the_once_rounded_sum(small_blocks, out_o
     assert ((param.data.float() - once.float()).abs() <= once.float().abs() * 2 ** -7).all()
 
 
+def _one_fp32_addmm(base: torch.Tensor, entries: list) -> torch.Tensor:
+    """The merge as written before the in-place factor buffers: factors(), times w, cat, one addmm."""
+    up = torch.cat([p.up.float() * p.scale * w for _, w, p in entries], 1)
+    down = torch.cat([p.down.float() for _, _, p in entries], 0)
+    return torch.addmm(base.float().reshape(base.shape[0], -1), up, down)
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_in_place_factor_buffers_equal_factors_times_weight_bit_for_bit(factor_dtype):
+    entries = [_entry(1, 40, 24, 8, 0.8), _entry(2, 40, 24, 4, -0.6), _entry(3, 40, 24, 2, 1.3)]
+    for _, _, p in entries:
+        p.up, p.down = p.up.to(factor_dtype), p.down.to(factor_dtype)
+    up, down = merge.concat_entries(entries)
+    lowrank, _ = merge.split_entries(entries)
+    want_up, want_down = merge.concat_factors(lowrank)
+    assert torch.equal(up, want_up) and torch.equal(down, want_down)
+    assert merge.concat_entries([]) is None
+
+
+@pytest.mark.parametrize("own_base", [True, False])
+@pytest.mark.parametrize("out_of_place", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_blocks_in_the_destination_equal_one_addmm_bit_for_bit(small_blocks, dtype, out_of_place, own_base):
+    """fp32 weights accumulate in their own rows (no scratch); bf16 through the fp32 scratch block."""
+    rows, cols = 64 * 3 + 40, 96
+    pristine = torch.randn(rows, cols, generator=torch.Generator().manual_seed(5)).to(dtype)
+    entries = [_entry(1, rows, cols, 8, 0.8), _entry(2, rows, cols, 4, -0.6)]
+    param = nn.Parameter(pristine.clone(), requires_grad=False)
+    base = param.detach() if own_base else pristine
+    assert merge_rows_cpu(param, base, entries, out_of_place)
+    assert torch.equal(param.data, _one_fp32_addmm(pristine, entries).to(dtype))
+    assert torch.equal(pristine, torch.randn(rows, cols, generator=torch.Generator().manual_seed(5)).to(dtype))
+    value, _ = merged_value(pristine, "weight", entries, lambda t: t, lambda: pristine)
+    assert torch.equal(value, _one_fp32_addmm(pristine, entries))  # the plain path: the same numbers
+
+
 def test_small_weights_and_dense_patches_take_the_plain_path(small_blocks):
     class Dense(LowRankPatch):
         depends_on_base = True
@@ -80,3 +116,17 @@ def test_patches_that_do_not_fit_are_refused_by_name(change, message):
     patch.weight_shape = (patch.up.shape[0], 4)
     with pytest.raises(LoraError, match=re.escape(message)):
         check_patch(lora, patch, nn.Linear(4, 8))
+
+
+def test_a_whole_file_is_checked_for_nan_at_once_and_the_bad_layer_named():
+    patches = []
+    for i in range(5):
+        _, _, patch = _entry(i, 8, 4, 2, 1.0)
+        patch.module = f"layer{i}"
+        patches.append(patch)
+    lora = LoraFile(Path("l.safetensors"), "l", "kohya", "sdxl", "0" * 12, patches=patches)
+    merge.check_finite(lora, patches)  # all finite: no error
+    patches[3].down = patches[3].down.clone()
+    patches[3].down[1, 2] = float("inf")
+    with pytest.raises(LoraError, match=re.escape("layer layer3 holds NaN or inf values")):
+        merge.check_finite(lora, patches)

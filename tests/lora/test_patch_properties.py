@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 import patch_fixtures as pf  # noqa: E402
 
-from studio.errors import LoraError, OutOfMemory  # noqa: E402
+from studio.errors import OutOfMemory  # noqa: E402
 from studio.choices import LoraMode  # noqa: E402
 from studio.lora.patcher import LoraPatcher, PatcherSettings  # noqa: E402
 
@@ -105,7 +105,7 @@ def test_any_sequence_keeps_weights_exact(pool, ops):
                 moved += [(lo, 0.3) for lo in pool if all(lo is not f for f, _ in as_files)]
                 patcher.configure(PatcherSettings(mode=mode, unpatch_lora_by_vram_offload=offload))
                 before = pf.forward_all(comps)
-                with pytest.raises((LoraError, OutOfMemory)):
+                with pytest.raises((RuntimeError, OutOfMemory)):  # a bug keeps its type; OOM becomes OutOfMemory
                     patcher.apply(moved[:op[1]] + [(bad, 1.0)] + moved[op[1]:])
                 check_weights(comps, pristine, as_files, mode)
                 after = pf.forward_all(comps)  # sidecars were rolled back too

@@ -162,3 +162,28 @@ def test_unsupported_layer_types_are_refused_in_sidecar_mode():
     lora = pf.make_lora("emb", [pf.DensePatch("text_encoder", "0", torch.zeros(10, 4))])
     with LoraPatcher(comps, SIDECAR) as patcher, pytest.raises(LoraError, match="Linear and Conv2d"):
         patcher.apply([(lora, 1.0)])
+
+
+def test_gating_a_lora_off_is_bit_identical_to_the_smaller_stacks_sidecars(comps):
+    """A step range in sidecar mode: gated, the fused sidecars run exactly what [B] alone builds."""
+    a, b = mixed(comps, "A", 1), pf.random_lora(comps, "B", 2, n_layers=36, rank=8)
+    with LoraPatcher(comps, SIDECAR) as patcher:
+        patcher.apply([(b, -0.7)])
+        only_b = pf.forward_all(comps)
+        patcher.clear()
+        base = pf.forward_all(comps)
+        patcher.apply([(a, 0.9), (b, -0.7)])
+        both = pf.forward_all(comps)
+        shared = {(p.component, p.module) for p in a.patches}
+        changed = patcher.gate([a])
+        assert changed == len(shared)  # every sidecar A runs in, and no other
+        gated = pf.forward_all(comps)
+        assert patcher.gate([a]) == 0  # already closed: nothing to do
+        patcher.gate([a, b])
+        none = pf.forward_all(comps)
+        patcher.gate([])
+        reopened = pf.forward_all(comps)
+    for k in both:
+        assert torch.equal(gated[k], only_b[k]), k
+        assert torch.equal(none[k], base[k]), k
+        assert torch.equal(reopened[k], both[k]), k

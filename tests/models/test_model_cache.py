@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from studio.errors import OutOfMemory
+from studio.errors import EngineFault, InputError, StudioError
 from studio.models.cache import ModelCache, PristineCorrupted
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
@@ -59,10 +60,13 @@ def test_write_at_rest_is_caught_at_the_next_lock():
         with torch.no_grad():
             module[0].weight.mul_(2.0)  # a write without a lock lands in pristine
         assert any("pristine written" in p for p in cache.check())
-        with pytest.raises(PristineCorrupted, match="written while at rest"):
+        with pytest.raises(PristineCorrupted, match="written while at rest") as caught:
             with cache.lock(handle):
                 pass
         assert cache.lookup("m").locks == 0
+    # one of the engine's own errors (issue 11): the UI and CLI give its message, not a bare crash
+    assert isinstance(caught.value, EngineFault) and isinstance(caught.value, StudioError)
+    assert not isinstance(caught.value, InputError)
 
 
 def test_lora_patcher_over_the_cache_leaves_pristine_untouched():

@@ -250,3 +250,38 @@ def test_a_second_visitor_sees_the_queue_and_stop_midway_is_acknowledged_at_once
     expect(other.locator("#summary")).to_contain_text("Stopped after 0 of 1 image", timeout=LONG)
     expect(page.locator("#live-status")).to_contain_text("Idle", timeout=LONG)
     other.context.close()
+
+
+def test_the_saved_password_never_reaches_the_page(page, tiny_session):
+    """Issue 11, item 11: the panel's password box is never filled; it says whether one is saved."""
+    from playwright.sync_api import expect
+
+    from studio.settings import load_settings, save_settings
+
+    path = tiny_session.dirs.settings_file
+    before = path.read_text() if path.exists() else None
+    save_settings(load_settings(path).replace(auth_password="s3cret-in-the-file"), path)
+    try:
+        page.reload()
+        expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)
+        open_tab(page, "Preferences")
+        box = page.locator("#pref-auth_password input")
+        expect(box).to_have_attribute("placeholder", re.compile("saved \\(never shown\\)"))
+        expect(box).to_have_value("")
+        assert "s3cret-in-the-file" not in page.content()
+    finally:
+        path.write_text(before) if before is not None else path.unlink(missing_ok=True)
+
+
+def test_an_outputs_folder_that_would_serve_other_files_is_named_at_its_control(page):
+    """Issue 11, item 2: `/` as the outputs folder served /etc/passwd; the panel refuses it where it was typed."""
+    from playwright.sync_api import expect
+
+    open_tab(page, "Preferences")
+    expect(page.locator("#prefs-note")).to_contain_text("Loaded from", timeout=LONG)
+    page.locator("#pref-outputs_dir").locator("textarea, input").first.fill("/")
+    page.locator("#prefs-save").click()
+    expect(page.locator("#pref-error-outputs_dir")).to_contain_text("is refused: it is the filesystem root",
+                                                                   timeout=LONG)
+    expect(page.locator("#prefs-result")).to_contain_text("Nothing was saved: 1 value needs fixing")
+    expect(page.locator(".toast-body")).to_have_count(0)

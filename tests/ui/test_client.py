@@ -7,6 +7,7 @@ import re
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -64,11 +65,66 @@ def test_progress_arrives_per_step_and_stop_ends_the_run(served, client):
     assert client.predict(api_name="/stop") == "Nothing of yours is running."
 
 
+def test_a_stop_right_after_a_submit_stops_the_job_still_waiting_in_the_queue(served, client):
+    """The submitted job holds no ticket until it starts: Stops sent then were lost and the job ran to
+    its end (issue 11, item 6). Here it waits behind a running one, and one Stop ends both."""
+    session, _ = served
+    running = client.submit("long", "", 1, 200, 5.0, 128, 128, "Euler", 1, api_name="/generate")
+    deadline = time.time() + 60
+    while time.time() < deadline and not session.status()["busy"]:
+        time.sleep(0.05)
+    waiting = client.submit("next", "", 2, 200, 5.0, 128, 128, "Euler", 1, api_name="/generate")
+    while time.time() < deadline and not client.predict(api_name="/status")["queued"]:
+        time.sleep(0.02)
+    ack = client.predict(api_name="/stop")
+    assert ack.startswith("⏹ **Stop requested**") and "your queued job will not start" in ack
+    assert running.result(timeout=60)[2].startswith("**Stopped** after 0 of 1 image")
+    started = time.time()
+    gallery, seeds, summary, jsons = waiting.result(timeout=60)
+    assert summary.startswith("**Stopped** after 0 of 1 image") and time.time() - started < 20
+    assert all(r.request["prompt"] != "next" for r in session.history)  # it never generated
+
+
 def test_errors_reach_the_client_as_one_message(client):
     with pytest.raises(AppError, match="`width` must be a multiple of 8"):
         client.predict("x", "", 1, 2, 5.0, 100, 128, "Euler", 1, api_name="/generate")
-    with pytest.raises(AppError, match="greater than maximum value 16"):  # Gradio checks slider bounds first
+    with pytest.raises(AppError, match="`batch count` must be between 1 and 16, got 40"):
         _generate(client, batch=40)
+
+
+NAN = float("nan")
+
+
+def _raw_generate(url: str, values: dict) -> str:
+    """POST /generate as a hand-made request: json.dumps writes NaN, which gradio_client refuses to send."""
+    data = [values.get("prompt", "a cat"), "", values.get("seed", 5), values.get("steps", 2), values.get("cfg", 5.0),
+            values.get("width", 128), 128, "Euler", values.get("batch", 1)]
+    with httpx.Client(base_url=url, timeout=60) as http:
+        event = http.post("/gradio_api/call/generate", content=json.dumps({"data": data}),
+                          headers={"content-type": "application/json"}).json()["event_id"]
+        return http.get(f"/gradio_api/call/generate/{event}").text
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", 2.5, "`steps` must be a whole number, got 2.5"),  # ran 2 steps
+    ("seed", 1.5, "`seed` must be a whole number, got 1.5"),  # became 2
+    ("steps", NAN, "`steps` must be a whole number, got nan"),  # `error: null`
+    ("width", NAN, "`width` must be a whole number, got nan"),
+    ("seed", NAN, "`seed` must be a whole number, got nan"),
+    ("seed", "abc", "`seed` must be a whole number, got 'abc'"),  # Gradio's generic message
+    ("batch", 1.5, "`batch count` must be a whole number, got 1.5"),
+    ("cfg", NAN, "`cfg` must be a number, got nan"),
+    ("prompt", "a cat " * 1400, "`prompt` is 8,400 characters long; the limit is 8,000"),  # 1 MB was accepted
+])
+def test_numbers_are_never_bent_and_each_refusal_names_its_field(served, field, value, message):
+    """Issue 11, item 8: through the Gradio API, as a hand-made request sends them."""
+    answer = _raw_generate(served[1], {field: value})
+    assert "event: error" in answer and message in answer
+
+
+def test_a_script_through_gradio_client_gets_the_same_refusal(client):
+    with pytest.raises(AppError, match="`steps` must be a whole number, got 2.5"):
+        _generate(client, steps=2.5)
 
 
 def test_png_info_reads_back_what_generate_wrote(client, tmp_path):

@@ -10,8 +10,8 @@ from ui.lora_sync import (add_row, add_word, edit_row, fmt, move_row, prompt_fro
                           stack_of, strip_tags)
 
 
-def row(name: str, weight: float = 1.0, enabled: bool = True) -> dict:
-    return {"name": name, "weight": weight, "enabled": enabled}
+def row(name: str, weight: float = 1.0, enabled: bool = True, options: str = "") -> dict:
+    return {"name": name, "weight": weight, "enabled": enabled, **({"options": options} if options else {})}
 
 
 @pytest.mark.parametrize("weight, text", [(1.0, "1"), (0.75, "0.75"), (-0.5, "-0.5"), (0.7000000000000001, "0.7"),
@@ -28,9 +28,12 @@ def test_rows_to_prompt_appends_new_tags_and_keeps_the_text_in_place():
 
 def test_rows_to_prompt_rewrites_only_what_changed_in_place():
     prompt = "portrait, <lora:a:0.70> soft light, <lora:b:1:0.5> film"
-    assert prompt_from_rows(prompt, [row("a", 0.7), row("b")]) == prompt  # same weights: byte for byte
-    assert prompt_from_rows(prompt, [row("a", 0.75), row("b")]) == \
+    b = row("b", options="unet=0.5")  # the tag's second number is its UNet weight (A1111's te:unet)
+    assert rows_from_prompt(prompt, []) == [row("a", 0.7), b]
+    assert prompt_from_rows(prompt, [row("a", 0.7), b]) == prompt  # same weights: byte for byte
+    assert prompt_from_rows(prompt, [row("a", 0.75), b]) == \
         "portrait, <lora:a:0.75> soft light, <lora:b:1:0.5> film"
+    assert prompt_from_rows(prompt, [row("a", 0.7), row("b")]) == "portrait, <lora:a:0.70> soft light, <lora:b:1> film"
 
 
 def test_disabled_and_removed_rows_lose_their_tag_and_one_space():
@@ -109,3 +112,38 @@ def test_row_edits_are_by_name():
 ])
 def test_a_trigger_word_goes_before_the_trailing_tags_once(prompt, expected):
     assert add_word(prompt, "warm light") == expected
+
+
+def test_block_weights_and_step_ranges_ride_along_with_their_row():
+    prompt = "a cat <lora:a:0.8:lbw=OUTD:stop=10> at night"
+    rows = rows_from_prompt(prompt, [])
+    assert rows == [row("a", 0.8, options="lbw=OUTD:stop=10")]
+    assert stack_of(rows) == (("a", 0.8, "lbw=OUTD:stop=10"),)
+    assert prompt_from_rows(prompt, rows) == prompt
+    moved = edit_row(rows, "a", options="lbw=1,0,0,0,0,0.5,1,1,1,0,0,0:stop=10")
+    assert prompt_from_rows(prompt, moved) == "a cat <lora:a:0.8:lbw=1,0,0,0,0,0.5,1,1,1,0,0,0:stop=10> at night"
+    scrub = edit_row(rows, "a", scrub=True, preview_steps=4)
+    assert rows_from_prompt("<lora:a:0.5:lbw=OUTD:stop=10>", scrub)[0]["scrub"]  # UI keys stay with the row
+    assert prompt_from_rows("", scrub) == "<lora:a:0.8:lbw=OUTD:stop=10>"  # and never reach the tag
+
+
+def test_a_half_typed_tag_is_left_alone_until_generate():
+    assert rows_from_prompt("a cat <lora:a:0.", []) == []
+    assert rows_from_prompt("a cat <lora:a:nan>", []) == []
+    with pytest.raises(Exception, match="nan"):
+        split_lora_tags("a cat <lora:a:nan>")
+
+
+def test_block_sliders_keep_the_layout_they_show():
+    from ui.lora_blocks import block_view, set_block
+
+    kohya = [row("k")]
+    assert len(block_view(kohya[0], {})[1]) == 12
+    moved = set_block(kohya, "k", 5, 0.5, {})  # MID of 12
+    assert moved[0]["options"] == "lbw=1,1,1,1,1,0.5,1,1,1,1,1,1"
+    locon = [row("l")]
+    assert block_view(locon[0], {}, lycoris=True)[1][1] == "IN00"
+    moved = set_block(locon, "l", 10, 0.5, {}, lycoris=True)  # MID of 20: the conv blocks stay at 1
+    assert moved[0]["options"] == "lbw=" + ",".join(["1"] * 10 + ["0.5"] + ["1"] * 9)
+    preset = [row("k", options="lbw=OUTD")]
+    assert block_view(preset[0], {})[0] == "OUTD"

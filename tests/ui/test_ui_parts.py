@@ -15,7 +15,7 @@ from ui.access import ServerInfo, host_is_local, is_local
 from ui.generate_tab import GenerateForm
 from ui.jobs import JobBook
 from ui.png_info import restorable
-from ui.pref_fields import from_widget, sections, shown, to_widget
+from ui.pref_fields import HIDDEN_PATH, describe_value, from_widget, sections, shown, to_widget
 from ui.charts import memory_chart, phase_chart
 from ui.report_view import PHASE_LABELS, render_memory, render_report, render_unpatch_costs, unpatch_costs
 from ui.share import Credentials, LinkState, PublicLink, login_for
@@ -56,6 +56,20 @@ def test_size_presets_cover_the_sdxl_buckets_and_a_demo_scale():
     assert (256, 256) in demo.values() and (384, 160) in demo.values() and (1024, 1024) in demo.values()
     assert all(w % 8 == 0 and h % 8 == 0 for w, h in demo.values())
     assert preset_for(demo, 288, 224).startswith("288×224 (9:7") and preset_for(demo, 200, 200) == CUSTOM
+
+
+def test_the_report_says_why_this_precision_and_what_the_model_load_was():
+    report = _report()
+    assert "Precision" not in render_report(report) and "Model load" not in render_report(report)  # older reports
+    report.dtype_reason = "fp32: no native bf16 on this CPU (AVX2), probe bf16 60x slower than fp32"
+    report.phases = {"model_load": 3.5, **report.phases}
+    report.model = {**report.model, "load_parts": {"imports": 2.5, "read_build": 0.8, "hash": 0.01,
+                                                   "placement": 0.15, "lora_bind": 0.04}}
+    text = render_report(report)
+    assert "Precision: fp32: no native bf16 on this CPU (AVX2), probe bf16 60x slower than fp32" in text
+    assert ("Model load: imports 2.50 s · read + build 0.80 s · hash 0.01 s · placement + pristine copies 0.15 s"
+            " · LoRA bind 0.04 s") in text
+    assert "model_load: imports 2.50 s" in report.summary() and "precision fp32: no native" in report.summary()
 
 
 def test_report_table_frames_and_unpatch_costs():
@@ -137,6 +151,21 @@ def test_stop_reaches_queued_and_running_tickets_of_one_owner_only():
     assert book.active() == 0
 
 
+def test_a_stop_holds_for_a_job_accepted_before_it_that_has_no_ticket_yet():
+    """An API job gets its ticket when it starts; a Stop sent while it waited must still stop it (issue 11)."""
+    import time
+
+    book = JobBook()
+    accepted = time.monotonic()
+    assert book.stop("client-a").__dict__ == {"running": 0, "queued": 0}  # nothing holds a ticket yet
+    with book.hold("client-a", None, accepted_at=accepted) as token:
+        assert token.cancelled  # accepted before the Stop: ends at once
+    with book.hold("client-b", None, accepted_at=accepted) as token:
+        assert not token.cancelled  # another owner's Stop
+    with book.hold("client-a", None, accepted_at=time.monotonic()) as token:
+        assert not token.cancelled  # accepted after the Stop: a new job runs
+
+
 @pytest.mark.parametrize("host, port, local", [
     ("127.0.0.1:7860", 7860, True), ("localhost:7860", 7860, True), ("[::1]:7860", 7860, True),
     ("127.0.0.1:7861", 7860, False), ("abcd.gradio.live", 7860, False), ("192.168.1.5:7860", 7860, False),
@@ -148,8 +177,11 @@ def test_only_a_loopback_host_with_our_port_is_local(host, port, local):
 
 
 def test_secrets_stay_local_and_the_public_link_describes_itself():
-    assert shown("auth_password", "hunter2", local=False) == "••••••••"
-    assert shown("auth_password", "hunter2", local=True) == "hunter2"
+    # never sent, not even to "local" (a Host header a proxy may rewrite): issue 11
+    assert shown("auth_password", "hunter2", local=False) == shown("auth_password", "hunter2", local=True) == ""
+    assert describe_value("auth_password", "hunter2") == "(set)" and describe_value("auth_password", "") == "(empty)"
+    assert shown("outputs_dir", "/home/me/images", local=True) == "/home/me/images"
+    assert shown("outputs_dir", "/home/me/images", local=False) == HIDDEN_PATH and shown("model", "", False) == ""
     creds = login_for(Settings())
     assert creds.generated and len(creds.password) >= 12 and creds.user == "studio"
     assert login_for(Settings(auth_password="pw")) == Credentials("studio", "pw", generated=False)

@@ -7,6 +7,7 @@ that never answers; the login is checked on an app launched exactly as `--share`
 from __future__ import annotations
 
 import functools
+import math
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
+from ui.login_throttle import BASE_DELAY
 from ui.share import LinkState, PublicLink, ShareFailed, open_tunnel
 from ui.server import launch_app
 
@@ -97,6 +99,35 @@ def test_login_is_required_through_the_link_but_not_at_this_computer(shared):
     assert status["public_link"] == "failed" and status["busy"] is False
 
 
+def test_failed_logins_back_off_exponentially_per_client(shared):
+    """30 wrong logins took 0.24 s (issue 11, item 11). Here one client's guesses are answered 429
+    until its back-off has passed; another client is not slowed; a success clears the count."""
+    running, _, _ = shared
+    creds = running.server.credentials
+    guesser = {"x-forwarded-for": "198.51.100.7"}  # as the tunnel's proxy on this computer forwards it
+
+    def login(password: str, headers: dict) -> httpx.Response:
+        return httpx.post(f"{running.local_url}login", data={"username": creds.user, "password": password},
+                          headers=headers, timeout=10)
+
+    start = time.perf_counter()
+    answers = [login("wrong", guesser).status_code for _ in range(30)]
+    elapsed = time.perf_counter() - start
+    # the k-th checked guess comes at least BASE_DELAY * (2**(k-1) - 1) s after the first
+    assert answers[0] == 400 and answers.count(400) <= 1 + math.log2(1 + elapsed / BASE_DELAY)
+    assert set(answers) == {400, 429} and answers.count(429) >= 20  # refused at once, no password checked
+    blocked = login(creds.password, guesser)
+    assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1  # even the right one waits
+    assert login(creds.password, {"x-forwarded-for": "203.0.113.9"}).status_code == 200  # someone else
+    time.sleep(float(blocked.headers["retry-after"]) + 0.1)
+    assert login("wrong again", guesser).status_code == 400  # allowed again, and counted: the wait doubles
+    second = login(creds.password, guesser)
+    assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+    time.sleep(float(second.headers["retry-after"]) + 0.1)
+    assert login(creds.password, guesser).status_code == 200
+    assert login("wrong", guesser).status_code == 400 and login("wrong", guesser).status_code == 429  # clean slate
+
+
 def test_only_the_outputs_folder_is_served_never_the_config(shared, tiny_session):
     running, _, _ = shared
     creds = running.server.credentials
@@ -132,6 +163,19 @@ def test_a_tunnel_attempt_runs_in_a_daemon_thread():
     finally:
         release.set()
     assert link.wait(5) and link.state is LinkState.FAILED
+
+
+def test_who_a_client_is_for_the_login_back_off():
+    from ui.login_throttle import client_key, delay_after
+
+    def scope(peer: str, forwarded: str | None = None) -> dict:
+        headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+        return {"client": (peer, 5000), "headers": headers}
+
+    assert client_key(scope("127.0.0.1", "203.0.113.1, 198.51.100.2")) == "198.51.100.2"  # what the proxy saw
+    assert client_key(scope("192.0.2.8", "203.0.113.1")) == "192.0.2.8"  # a LAN visitor cannot pick a key
+    assert client_key(scope("127.0.0.1")) == "127.0.0.1"
+    assert [delay_after(n) for n in (0, 1, 2, 3, 8, 20)] == [0.0, 0.5, 1.0, 2.0, 60.0, 60.0]
 
 
 @pytest.mark.browser

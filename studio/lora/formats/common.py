@@ -9,6 +9,7 @@ the reader module turns it into one `LoraError` line that names the file.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,3 +81,40 @@ def check_low_rank(group: LayerGroup, up: torch.Tensor, down: torch.Tensor, labe
         raise mismatch(group, got)
     if down.dim() == 4 and len(shape) == 4 and tuple(down.shape[1:]) != tuple(shape[1:]):
         raise mismatch(group, got)
+
+
+# elements per min/max: bounds the temporary concatenation (128 MB of fp32) for very large files
+FINITE_CHUNK = 1 << 25
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """No NaN or Inf in any floating tensor, with a handful of ops for thousands of tensors.
+
+    A LoRA file holds ~3 small tensors per layer (720 to 3,000). `isfinite(t).all()` on each cost
+    0.2-0.5 ms apiece on one core; with 2 threads on a busy 2-core machine every such op waits for
+    the second core (measured: 0.15 -> 22 ms for one small conversion), so two reduced-SDXL files
+    took 33 s to read. Here the tensors of each dtype are concatenated (up to FINITE_CHUNK elements)
+    and one `aminmax` answers: min and max propagate NaN and show +-Inf.
+    """
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    sizes: dict[torch.dtype, int] = {}
+
+    def finite(flat: list[torch.Tensor]) -> bool:
+        values = torch.cat(flat) if len(flat) > 1 else flat[0]
+        if values.element_size() == 1:  # float8: no min/max kernels
+            values = values.float()
+        low, high = torch.aminmax(values)
+        return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+    for t in tensors:
+        if not t.is_floating_point() or not t.numel():
+            continue
+        flat = groups.setdefault(t.dtype, [])
+        flat.append(t.reshape(-1))
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+        if sizes[t.dtype] >= FINITE_CHUNK:
+            if not finite(flat):
+                return False
+            flat.clear()
+            sizes[t.dtype] = 0
+    return all(finite(flat) for flat in groups.values() if flat)
