@@ -34,7 +34,9 @@ from typing import Any
 import torch
 
 from bench._exactness import Checker, as_dict
-from bench.lora_switch import DTYPES, _machine, _quiet_libraries, _sync, rss_gb
+from bench._report import machine
+from bench._timing import rss_gb, sync
+from bench.lora_switch import DTYPES, _quiet_libraries
 
 log = logging.getLogger(__name__)
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -89,10 +91,10 @@ def run_ours(patcher: Any, loras: list[Any], paths: list[Path], order: list, che
     rows = []
     for cell in order:
         stack = [(lora, w) for lora, w in zip(loras, _weights(cell))]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         stats = patcher.apply(stack)
-        _sync(device)
+        sync(device)
         row = {"cell": list(cell), "seconds": time.perf_counter() - t0, "touched": stats.tensors_touched,
                "bytes_written": stats.bytes_written}
         if checker is not None:
@@ -115,14 +117,14 @@ def run_diffusers(pipe: Any, paths: list[Path], order: list, checker: Checker | 
         fused = False
         for cell in order:
             live = [(n, w) for n, w in zip(names, _weights(cell)) if w != 0.0]
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             if fused:
                 pipe.unfuse_lora()
             if live:
                 pipe.set_adapters([n for n, _ in live], [w for _, w in live])
                 pipe.fuse_lora()
-            _sync(device)
+            sync(device)
             fused = bool(live)
             row = {"cell": list(cell), "seconds": time.perf_counter() - t0}
             if checker is not None:
@@ -159,7 +161,7 @@ def _run(config: Config) -> dict[str, Any]:
     from studio.paths import app_dirs
 
     device, dtype = torch.device(config.device), DTYPES[config.dtype]
-    result: dict[str, Any] = {"config": {**asdict(config), "lora_dir": str(config.lora_dir)}, "machine": _machine(),
+    result: dict[str, Any] = {"config": {**asdict(config), "lora_dir": str(config.lora_dir)}, "machine": machine(),
                               "weights": list(WEIGHTS)}
     model = (load_tiny if config.tiny else build_sdxl)(dtype, device)
     index = ModelIndex.from_modules(model.components)

@@ -74,7 +74,11 @@ class CostModel:
         return out
 
     def cost(self, a: Cell | None, b: Cell) -> int:
-        """Elements the patcher writes going from cell `a` (None: a clean model) to cell `b`."""
+        """Elements the patcher writes going from cell `a` (None: a clean model) to cell `b`.
+
+        A grid started on a model that still holds another stack also takes that one off in its first
+        cell: the measured bytes then exceed the plan by that much.
+        """
         after = self._sigs[b]
         before = self._sigs[a] if a is not None else {g: () for g in self.groups}
         return sum(n for g, n in self.groups.items() if before[g] != after[g])

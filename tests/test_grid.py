@@ -58,6 +58,10 @@ def grid(tiny_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
     base = GenerationRequest(prompt="a cat", seed=11, steps=2, width=64, height=64, loras=((PEFT, 0.8),))
     axes = [parse_axis(f"lora:{KOHYA}=0,0.5,1"), parse_axis(f"lbw:{PEFT}=ALL,OUTD")]
+    # The cost model counts from a clean model; the shared session may hold an earlier test's stack,
+    # which the first cell would also take off (bytes the grid's order does not decide).
+    tiny_session.generate(GenerationRequest(prompt="clean", seed=1, steps=1, width=64, height=64),
+                          out_path=out / "clean.png")
     plan = plan_grid(tiny_session, base, axes)
     seen = []
     result = run_grid(tiny_session, plan, out, on_cell=lambda i, n, cell: seen.append((i, n, cell)))
