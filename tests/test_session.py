@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from studio.errors import Cancelled
+from studio.models.architectures import TINY_DEFAULT_SIZE
 from studio.memory import release_freed_memory, rss_bytes
 from studio.infotext import read_png_infotext
 from studio.request import GenerationRequest
@@ -37,7 +38,7 @@ def test_same_seed_gives_identical_pixels_and_a_full_report(tiny_session, tmp_pa
     assert parts <= report.phases["total"] + 1e-3
     assert report.memory["peak_rss"] >= report.memory["rss"] * 0.5 > 0
     assert read_png_infotext(first.paths[0]).to_request() == GenerationRequest(
-        prompt="a cat", seed=7, steps=4, width=256, height=256)
+        prompt="a cat", seed=7, steps=4, width=TINY_DEFAULT_SIZE, height=TINY_DEFAULT_SIZE)
 
 
 def test_other_seed_gives_other_pixels(tiny_session, tmp_path):

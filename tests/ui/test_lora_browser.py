@@ -74,17 +74,17 @@ def test_browse_add_weigh_trigger_words_and_generate(page):
     set_number(page, f"#lora-weight-{WARM} input[type=number]", "0.75")
     page.locator(f"#lora-weight-{WARM} input[type=number]").blur()  # the number box's release
     expect(prompt).to_have_value(f"a lighthouse at dusk <lora:{WARM}:0.75>", timeout=LONG)
-    page.locator(f"#lora-chip-{WARM}-0").click()  # "+ warm light": one word, not all of them
-    expect(prompt).to_have_value(f"a lighthouse at dusk, warm light <lora:{WARM}:0.75>", timeout=LONG)
+    page.locator(f"#lora-chip-{WARM}-0").click()  # "+ golden hour": the trigger word, added once
+    expect(prompt).to_have_value(f"a lighthouse at dusk, golden hour <lora:{WARM}:0.75>", timeout=LONG)
 
     # the other way: a tag typed into the prompt becomes a row when the prompt loses focus
-    prompt.fill(f"a lighthouse at dusk, warm light <lora:{WARM}:0.75> <lora:demo-peft-cool:-0.5>")
+    prompt.fill(f"a lighthouse at dusk, golden hour <lora:{WARM}:0.75> <lora:demo-peft-cool:-0.5>")
     page.locator("#negative textarea").click()
     peft = page.locator("#lora-row-demo-peft-cool")
     expect(peft).to_be_visible(timeout=LONG)
     expect(page.locator("#lora-weight-demo-peft-cool input[type=number]")).to_have_value("-0.5")
     page.locator("#lora-enable-demo-peft-cool input").uncheck()  # disabled: its tag leaves the prompt
-    expect(prompt).to_have_value(f"a lighthouse at dusk, warm light <lora:{WARM}:0.75>", timeout=LONG)
+    expect(prompt).to_have_value(f"a lighthouse at dusk, golden hour <lora:{WARM}:0.75>", timeout=LONG)
     expect(peft).to_be_visible()
 
     page.locator("#seed input").fill("21")

@@ -48,12 +48,15 @@ def app_url(tiny_session, tmp_path_factory):
     original = tiny_session.settings
     tiny_session.dirs.settings_file.unlink(missing_ok=True)
     tiny_session.settings = original.replace(outputs_dir=str(outputs), model_dirs=(str(models),))
+    kept_outputs = tiny_session._outputs  # outputs_dir applies at start: as if the app started with this one
+    tiny_session._outputs = None
     running = launch_app(tiny_session, quiet=True)
     yield running.local_url
     running.close()
     tiny_session.dirs.settings_file.unlink(missing_ok=True)
     tiny_session.load_model("", vae="")
     tiny_session.settings = original
+    tiny_session._outputs = kept_outputs
     tiny_session.apply_settings(original)
 
 
@@ -106,10 +109,10 @@ def test_a_side_typed_past_the_limit_is_clamped_and_the_size_menu_says_so(page):
     width.fill("5000")
     width.blur()
     expect(width).to_have_value("2048")
-    expect(page.locator("#size-preset input")).to_have_value("Custom")  # not the 256×256 it showed
+    expect(page.locator("#size-preset input")).to_have_value("Custom")  # not the 128×128 it showed
     expect(page.locator(".toast-body")).to_have_count(0)  # and no error from the server
-    set_number(page, "#width input[type=number]", "256")
-    expect(page.locator("#size-preset input")).to_have_value("256×256 (1:1, demo scale)")
+    set_number(page, "#width input[type=number]", "128")
+    expect(page.locator("#size-preset input")).to_have_value("128×128 (1:1, demo scale)")
 
 
 def test_the_api_gives_the_engines_one_size_message(app_url):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 from studio.choices import LoraMode
 from studio.models.budget import MB, Budgets
@@ -23,7 +24,7 @@ from studio.settings import SETTING_INFO, Applies
 
 NOW = sorted(name for name, info in SETTING_INFO.items() if info.applies is Applies.NOW)
 TESTED = {"lora_dirs", "lora_mode", "unpatch_lora_by_vram_offload", "lora_cache_mb", "ram_limit_mb", "vram_limit_mb",
-          "working_memory_mb", "default_steps", "default_cfg", "live_preview", "model_dirs"}
+          "working_memory_mb", "default_steps", "default_cfg", "live_preview", "model_dirs", "lbw_presets"}
 
 
 def test_every_now_setting_has_a_test_here():
@@ -143,3 +144,13 @@ def test_model_dirs_are_what_the_model_picker_lists_at_its_next_scan(live, tmp_p
     catalog = ModelCatalog()
     catalog.scan([Path(d) for d in session.settings.model_dirs])
     assert [entry.path.name for entry in catalog.models()] == ["my-sdxl"]
+
+
+def test_lbw_presets_are_what_the_next_tag_resolves_against(live):
+    session, client, save = live
+    tag = "a boat <lora:demo-kohya-warm:1:lbw=MYSTYLE>"
+    with pytest.raises(AppError, match="MYSTYLE"):  # not a preset yet: one error naming it
+        _generate(client, tag)
+    save(lbw_presets="MYSTYLE:1,0,0,0,0,0,0,0,0,0,0,1")
+    row = _generate(client, tag)["lora"]["stack"][0]
+    assert (row["name"], row["options"]) == ("demo-kohya-warm", "lbw=MYSTYLE")
