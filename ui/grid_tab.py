@@ -20,7 +20,7 @@ import gradio as gr
 
 from studio.grid import AXES, Axis, GridResult, parse_axis, plan_grid, run_grid, summary
 from studio.session import Session
-from ui.access import ServerInfo, owner_of
+from ui.access import ServerInfo, is_local, owner_of
 from ui.errors import engine_call
 from ui.generate_tab import GPU, GenerateForm, GenerateTab
 from ui.lora_sync import Row, prompt_from_rows, rows_from_prompt, stack_of
@@ -182,7 +182,7 @@ def wire_grid_tab(tab: GridTab, gen: GenerateTab, session: Session, server: Serv
             progress(0, desc="checking every cell")
             plan = plan_grid(session, base, axes)
         result = _run(plan, owner, progress)
-        return _grid_outputs(tab, result, plan)
+        return _grid_outputs(tab, result, plan, is_local(request, server))
 
     def _run(plan, owner: str, progress: gr.Progress) -> GridResult:
         flag = runs.start(owner)
@@ -238,10 +238,13 @@ def wire_grid_tab(tab: GridTab, gen: GenerateTab, session: Session, server: Serv
     tab.compare.click(compare, [tab.stack_a, tab.stack_b, *gen_inputs], [tab.slider, tab.ab_summary], **queued)
 
 
-def _grid_outputs(tab: GridTab, result: GridResult, plan) -> dict:
+def _grid_outputs(tab: GridTab, result: GridResult, plan, local: bool) -> dict:
+    """The grid's status, picture and files; a visitor through the public link is told the folder's name
+    inside the outputs folder, never its local path (issue 11: no local paths for remote visitors)."""
     ran = len(result.results)
-    head = (f"**Stopped** after {ran} of {len(plan.order)} cells; what ran is saved in `{result.out_dir}`."
-            if result.stopped else f"**{ran} cells** in `{result.out_dir}` (order: {plan.order_method}).")
+    where = result.out_dir if local else f"{result.out_dir.name} (in the outputs folder)"
+    head = (f"**Stopped** after {ran} of {len(plan.order)} cells; what ran is saved in `{where}`."
+            if result.stopped else f"**{ran} cells** in `{where}` (order: {plan.order_method}).")
     cells = [str(r.paths[0]) for c in plan.order for r in [result.results.get(c)] if r is not None]
     return {tab.status: head, tab.image: str(result.image), tab.summary: summary(result), tab.cells: cells,
             tab.json: str(result.json)}

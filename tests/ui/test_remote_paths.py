@@ -66,3 +66,14 @@ def test_a_visitor_gets_no_report_json_of_a_run_at_this_computer(app):
     remote = handlers["refresh_report"]([], REMOTE)
     assert json_path not in str(remote.values()) and "seed 3" in str(remote.values())
     assert json_path in str(handlers["refresh_report"]([], LOCAL).values())
+
+
+def test_the_grid_tab_names_its_folder_not_its_path_to_a_visitor(app, tiny_session):
+    handlers, _, _ = app
+    axis = ("seed", "", "1,2")  # x: two seeds; no y, no z
+    rest = ("a boat", [], "", 5, 2, 5.0, 64, 64, "Euler")
+    root = str(tiny_session.outputs_root)
+    for who, shows_root in ((REMOTE, False), (LOCAL, True)):
+        texts = [v for v in handlers["run"](*axis, "", "", "", "", "", "", *rest, who).values() if isinstance(v, str)]
+        status = next(t for t in texts if "cells" in t)
+        assert (root in status) is shows_root and "2 cells" in status, status
