@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def sync(device: torch.device) -> None:
@@ -32,3 +34,14 @@ def rss_gb() -> tuple[float, float]:
             if key in ("VmRSS", "VmHWM"):
                 fields[key] = int(value.split()[0]) * 1024 / 1e9
     return fields.get("VmRSS", 0.0), fields.get("VmHWM", 0.0)
+
+
+def on_threads(threads: int, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) with torch on `threads` threads (0: as it is), the count put back after."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)

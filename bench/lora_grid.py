@@ -35,7 +35,7 @@ import torch
 
 from bench._exactness import Checker, as_dict
 from bench._report import machine
-from bench._timing import rss_gb, sync
+from bench._timing import on_threads, rss_gb, sync
 from bench.lora_switch import DTYPES, _quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -139,13 +139,7 @@ def run_diffusers(pipe: Any, paths: list[Path], order: list, checker: Checker | 
 
 
 def run(config: Config) -> dict[str, Any]:
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        return _run(config)
-    finally:
-        torch.set_num_threads(threads)
+    return on_threads(config.threads, _run, config)
 
 
 def _run(config: Config) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import torch
 from bench._exactness import Checker, as_dict
 from bench._invokeai_peer import cold_invokeai, run_invokeai, setup_invokeai
 from bench._report import REFERENCE, SCENARIO, machine, markdown, summarize
-from bench._timing import rss_gb, sync, timed
+from bench._timing import on_threads, rss_gb, sync, timed
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,7 @@ def run_diffusers(pipe: Any, paths: list[Path], checker: Checker, checks: bool,
 # -- the run ----------------------------------------------------------------------------------------
 def run(config: Config) -> dict[str, Any]:
     """Build the model and LoRAs, run the rounds, return everything measured (also written as JSON)."""
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        return _run(config)
-    finally:
-        torch.set_num_threads(threads)
+    return on_threads(config.threads, _run, config)
 
 
 def _run(config: Config) -> dict[str, Any]:
