@@ -38,7 +38,7 @@ def test_live_preview_every_few_steps_and_its_cost_in_the_report(tiny_session, t
     shown = sorted(step for step, picture in pictures.items() if picture is not None)
     assert shown == [2, 4, 5]  # every PREVIEW_EVERY steps, and the last one
     assert PREVIEW_EVERY == 2
-    assert pictures[5].size == (128, 128) and pictures[5].mode == "RGB"  # 16 x 16 latents, 8 x 8 each
+    assert pictures[5].size == (256, 256) and pictures[5].mode == "RGB"  # 16 x 16 latents, 16 x 16 each (PREVIEW_SIDE)
     preview = result.report.preview
     assert preview["enabled"] is True and preview["images"] == 3 and preview["every_steps"] == 2
     assert 0 < preview["ms_per_step"] and 0 < preview["share_of_step"] < 0.5  # cheap next to a step
