@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -39,6 +40,21 @@ def browser():
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         yield chromium
         chromium.close()
+
+
+@contextlib.contextmanager
+def loaded_page(browser, url: str, height: int = 1000):
+    """A fresh browser context's page on `url`, once the page load has finished (the model line says ready)."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1400, "height": height})
+    page = context.new_page()
+    page.goto(url)
+    expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)
+    try:
+        yield page
+    finally:
+        context.close()
 
 
 def set_number(page, selector: str, value: str) -> None:

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.ui.conftest import LONG, SCREENSHOTS, open_tab, set_number
+from tests.ui.conftest import LONG, SCREENSHOTS, loaded_page, open_tab, set_number
 from ui.server import launch_app
 
 pytestmark = pytest.mark.browser
@@ -30,14 +30,8 @@ def app_url(tiny_session):
 
 @pytest.fixture
 def page(browser, app_url):
-    from playwright.sync_api import expect
-
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.goto(app_url)
-    expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)  # the page load has finished
-    yield page
-    context.close()
+    with loaded_page(browser, app_url) as page:
+        yield page
 
 
 def test_a_newcomer_generates_reads_the_report_and_keeps_a_preference(page):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ui.conftest import LONG, SCREENSHOTS, open_tab, set_number
+from tests.ui.conftest import LONG, SCREENSHOTS, loaded_page, open_tab, set_number
 
 pytestmark = pytest.mark.browser
 WARM, COOL = "demo-kohya-warm", "demo-peft-cool"
@@ -20,15 +20,9 @@ WARM, COOL = "demo-kohya-warm", "demo-peft-cool"
 
 @pytest.fixture
 def page(browser, served):
-    from playwright.sync_api import expect
-
     _session, url = served
-    context = browser.new_context(viewport={"width": 1400, "height": 1300})
-    page = context.new_page()
-    page.goto(url)
-    expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)
-    yield page
-    context.close()
+    with loaded_page(browser, url, height=1300) as page:
+        yield page
 
 
 def _pick(page, selector: str, text: str) -> None:

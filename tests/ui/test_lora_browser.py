@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.ui.conftest import LONG, SCREENSHOTS, open_tab, set_number
+from tests.ui.conftest import LONG, SCREENSHOTS, loaded_page, open_tab, set_number
 from tests.ui.test_lora_catalog import write_sd15_lora
 from ui.server import launch_app
 
@@ -35,13 +35,9 @@ def app_url(tiny_session, tmp_path_factory):
 def page(browser, app_url):
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1400, "height": 1250})
-    page = context.new_page()
-    page.goto(app_url)
-    expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)
-    expect(page.locator("#lora-note")).to_contain_text("4 LoRAs (3 usable with SDXL)", timeout=LONG)
-    yield page
-    context.close()
+    with loaded_page(browser, app_url, height=1250) as page:
+        expect(page.locator("#lora-note")).to_contain_text("4 LoRAs (3 usable with SDXL)", timeout=LONG)
+        yield page
 
 
 def _search(page, text: str) -> None:

@@ -20,7 +20,7 @@ from studio.infotext import format_infotext, save_png
 from studio.paths import TINY_MODEL_DIR
 from studio.report import Report
 from studio.request import GenerationRequest
-from tests.ui.conftest import LONG, SCREENSHOTS, open_tab, set_number
+from tests.ui.conftest import LONG, SCREENSHOTS, loaded_page, open_tab, set_number
 from ui.server import launch_app
 
 pytestmark = pytest.mark.browser
@@ -62,14 +62,8 @@ def app_url(tiny_session, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, app_url):
-    from playwright.sync_api import expect
-
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    page.goto(app_url)
-    expect(page.locator("#model-line")).to_contain_text("ready", timeout=LONG)
-    yield page
-    context.close()
+    with loaded_page(browser, app_url) as page:
+        yield page
 
 
 def test_each_phase_shows_and_a_live_preview_forms(page, monkeypatch):
