@@ -199,3 +199,13 @@ def markdown(result: dict[str, Any]) -> str:
                  f"of {result['after_close']['tensors']} targeted weights differ from pristine; pristine source "
                  f"unchanged: {result['pristine_source_unchanged']}")
     return "\n".join(lines)
+
+
+def quiet_libraries() -> None:
+    """No progress bars or per-load key reports from diffusers/transformers in the benchmark output."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from bench._exactness import Checker, as_dict
-from bench._report import machine
+from bench._report import machine, quiet_libraries
 from bench._timing import on_threads, rss_gb, sync
-from bench.lora_switch import DTYPES, _quiet_libraries
+from bench.lora_switch import DTYPES
 
 log = logging.getLogger(__name__)
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--device cuda: this torch build sees no CUDA device")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _quiet_libraries()
+    quiet_libraries()
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "bf16")
     results = {}
     for scenario in (("full", "partial") if args.scenario == "both" else (args.scenario,)):

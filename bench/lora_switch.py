@@ -41,7 +41,7 @@ import torch
 
 from bench._exactness import Checker, as_dict
 from bench._invokeai_peer import cold_invokeai, run_invokeai, setup_invokeai
-from bench._report import REFERENCE, SCENARIO, machine, markdown, summarize
+from bench._report import REFERENCE, SCENARIO, machine, markdown, quiet_libraries, summarize
 from bench._timing import on_threads, rss_gb, sync, timed
 
 log = logging.getLogger(__name__)
@@ -285,16 +285,6 @@ def measure_snapshot(checker: Checker, device: torch.device) -> float:
     return total
 
 
-def _quiet_libraries() -> None:
-    """No progress bars or per-load key reports from diffusers/transformers in the benchmark output."""
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -320,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--tiny and --reduced are two different models; give one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _quiet_libraries()
+    quiet_libraries()
     dtype = args.dtype or ("fp16" if args.device == "cuda" else "bf16")
     rounds = args.rounds if args.rounds is not None else (1 if args.steps_only else 3)
     result = run(Config(args.device, dtype, args.tiny, rounds, args.steps_only, args.sample, args.lora_dir,

@@ -69,6 +69,14 @@ class PeakRss:
         self.peak = max(self.peak, hwm or 0, rss_bytes())
 
 
+def cuda_now(device: torch.device) -> dict[str, int]:
+    """Allocated/reserved bytes on a CUDA device now (empty dict on CPU), for the status line."""
+    if device.type != "cuda":
+        return {}
+    return {"cuda_allocated": torch.cuda.memory_allocated(device),
+            "cuda_reserved": torch.cuda.memory_reserved(device)}
+
+
 @contextmanager
 def cuda_peaks(device: torch.device) -> Iterator[dict[str, int]]:
     """Peak allocated/reserved bytes on a CUDA device during the block (empty dict on CPU)."""

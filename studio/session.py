@@ -22,14 +22,13 @@ from studio.jobs import CancelToken, JobSlot, StepCallback, StepEvent
 from studio.lora.block_weights import parse_presets
 from studio.lora.engine import LoraEngine, patcher_settings
 from studio.lora.stack import StackItem, resolve_stack, search_dirs
-from studio.memory import release_freed_memory, rss_bytes
+from studio.memory import cuda_now, release_freed_memory, rss_bytes
 from studio.models.architectures import SDXL_DEFAULT_SIZE
 from studio.models.budget import Budgets, measure_budgets, oom_guard
 from studio.models.loader import resolve_source
 from studio.outputs import OutputFolder, choose_outputs
 from studio.paths import AppDirs, app_dirs
 from studio.phases import Phase
-from studio.preview import cached_projection
 from studio.report import PhaseCallback, PhaseTimer
 from studio.request import GenerationRequest
 from studio.runtime import Runtime, resolve_runtime
@@ -150,32 +149,10 @@ class Session:
         if self.settings.live_preview:
             if on_progress is not None:
                 on_progress("preview", None)
-            start = time.perf_counter()
-            self._fit_preview(warm)
-            took = time.perf_counter() - start  # part of the load, so model_load is the sum of load_parts
+            took = warm.fit_preview(self.dirs.cache)  # part of the load: model_load is the sum of load_parts
             warm.info = replace(warm.info, load_seconds=warm.info.load_seconds + took,
                                 load_parts=warm.info.load_parts | {"preview": took})
         return warm
-
-    def _fit_preview(self, warm: WarmPipeline) -> None:
-        """Fit the live preview's latent -> RGB map to this VAE (cached on disk by the weights' hash).
-
-        A fit that fails leaves the preview off with a note in every report; the model still works.
-        """
-        try:
-            self._fit_preview_locked(warm)
-        except (RuntimeError, ValueError, OSError) as err:
-            log.warning("live preview unavailable: %s", err)
-            warm.notes.append(f"live preview off: fitting it to the VAE failed ({err})")
-
-    def _fit_preview_locked(self, warm: WarmPipeline) -> None:
-        key = f"{warm.info.sha256}|{warm.info.vae}"
-        if warm.info.vae:
-            from studio.models.hashing import model_sha256
-
-            key = f"{warm.info.sha256}|{model_sha256(Path(warm.info.vae), self.dirs.cache / 'model-hashes.json')}"
-        with warm.phase(Phase.DECODE):
-            warm.preview = cached_projection(warm.pipe.vae, key, self.dirs.cache / "preview-fits.json")
 
     def _budgets(self) -> Budgets:
         s = self.settings
@@ -221,12 +198,9 @@ class Session:
     def status(self) -> dict:
         slot = self._slot.status()
         model = self.model
-        status = {"busy": slot.busy, "waiting": slot.waiting, "progress": slot.progress,
-                  "model": model.to_dict() if model else None, "rss": rss_bytes(), "notices": list(self.notices)}
-        if self.runtime.device.type == "cuda":
-            status["cuda_allocated"] = torch.cuda.memory_allocated(self.runtime.device)
-            status["cuda_reserved"] = torch.cuda.memory_reserved(self.runtime.device)
-        return status
+        return {"busy": slot.busy, "waiting": slot.waiting, "progress": slot.progress,
+                "model": model.to_dict() if model else None, "rss": rss_bytes(), "notices": list(self.notices)
+                } | cuda_now(self.runtime.device)
 
     def cancel_current(self) -> bool:
         """Stop the running job at its next step; returns whether one was running."""
@@ -290,7 +264,7 @@ class Session:
         preview = self.settings.live_preview
         if preview and warm.preview is None:  # switched on after the model loaded
             with timer.phase("preview_fit"):
-                self._fit_preview(warm)
+                warm.fit_preview(self.dirs.cache)
         job = replace(job, request=job.request.with_seed())
         target = Path(out_path) if out_path is not None else OutputFolder(self.outputs_root)
         budgets = self._budgets() if self.runtime.device.type == "cuda" else None

@@ -25,7 +25,7 @@ from studio.models.loader import ModelSource, SourceKind, load_pipeline
 from studio.models.placement import Placement, apply_memory_mode
 from studio.models.vae_file import load_vae
 from studio.phases import LORA_TARGETS, Phase
-from studio.preview import LatentProjection
+from studio.preview import LatentProjection, cached_projection
 from studio.report import PhaseTimer
 from studio.runtime import Runtime
 from studio.settings import Settings
@@ -93,6 +93,24 @@ class WarmPipeline:
             if loras is not None:
                 loras.apply(phase)
             yield
+
+    def fit_preview(self, cache_dir: Path) -> float:
+        """Fit the live preview's latent -> RGB map to this VAE (cached on disk by the weights' hash);
+        returns the seconds it took.
+
+        A fit that fails leaves the preview off with a note in every report; the model still works.
+        """
+        start = time.perf_counter()
+        hashes = cache_dir / "model-hashes.json"
+        try:
+            vae_key = model_sha256(Path(self.info.vae), hashes) if self.info.vae else ""
+            with self.phase(Phase.DECODE):
+                self.preview = cached_projection(self.pipe.vae, f"{self.info.sha256}|{vae_key}",
+                                                 cache_dir / "preview-fits.json")
+        except (RuntimeError, ValueError, OSError) as err:
+            log.warning("live preview unavailable: %s", err)
+            self.notes.append(f"live preview off: fitting it to the VAE failed ({err})")
+        return time.perf_counter() - start
 
     def close(self) -> None:
         self.placement.close()

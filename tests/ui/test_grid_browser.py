@@ -26,11 +26,31 @@ def page(browser, served):
 
 
 def _pick(page, selector: str, text: str) -> None:
-    """Choose `text` in a gradio dropdown (typed, then Enter picks the match or the typed value)."""
+    """Choose `text` in a gradio dropdown: typed to filter, then its option clicked, then checked.
+
+    Enter alone picks the highlighted option, which on a fast machine can still be the old value
+    (the filter had not re-rendered yet): CI then ran a seed grid as a `lora` grid.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect
+
     box = page.locator(f"{selector} input").first
-    box.click()
-    box.fill(text)
-    box.press("Enter")
+    for _ in range(3):
+        box.click()
+        box.fill(text)
+        option = page.get_by_role("option", name=text, exact=True).first
+        try:
+            option.wait_for(state="visible", timeout=3_000)
+            option.click()
+        except PlaywrightTimeout:
+            box.press("Enter")  # a custom value (allow_custom_value) has no option to click
+        try:
+            expect(box).to_have_value(text, timeout=5_000)
+            box.blur()
+            return
+        except AssertionError:
+            continue
+    expect(box).to_have_value(text)
 
 
 def _check(page, selector: str) -> None:
