@@ -74,3 +74,26 @@ def test_the_projection_is_fitted_to_the_vae_and_predicts_its_colours(tiny_sessi
     mean_only = np.sqrt(((target - target.mean(axis=(0, 1))) ** 2).mean())  # a flat picture of the mean colour
     assert error < mean_only  # the map explains part of the colour, not just the average
     assert tiny_session.warm.preview is not None  # fitted when the model loaded (live_preview is on)
+
+
+def test_a_preview_fit_that_fails_leaves_the_preview_off_with_a_note_and_the_model_working(
+        studio_home, tmp_path, monkeypatch):
+    from studio import warm_pipeline
+    from studio.session import Session
+    from studio.settings import Settings
+
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("the VAE decoded NaN")
+
+    monkeypatch.setattr(warm_pipeline, "cached_projection", broken_fit)
+    session = Session(Settings(device="cpu", precision="fp32"), studio_home)
+    try:
+        info = session.load_model()
+        assert session.warm.preview is None and "preview" in info.load_parts
+        pictures = []
+        result = session.generate(GenerationRequest(prompt="a red circle on a blue background", seed=3, steps=2),
+                                  on_step=lambda e: pictures.append(e.preview), out_path=tmp_path / "p.png")
+    finally:
+        session.close()
+    assert pictures == [None, None] and (tmp_path / "p.png").is_file()
+    assert "live preview off: fitting it to the VAE failed (the VAE decoded NaN)" in result.report.notes
