@@ -24,7 +24,7 @@ from studio.models.memory_report import MemoryWatch
 from studio.models.vae_decode import decode_latents, plan_decode
 from studio.outputs import OutputFolder
 from studio.phases import Phase
-from studio.preview import PreviewMeter
+from studio.preview import CleanEstimate, PreviewMeter
 from studio.report import PhaseTimer, Report
 from studio.request import GenerationRequest
 from studio.samplers import make_scheduler
@@ -111,6 +111,7 @@ def render(warm: WarmPipeline, loras: AppliedStack, request: GenerationRequest, 
             do_classifier_free_guidance=request.cfg > 1.0, negative_prompt=request.negative or None)
     token.raise_if_cancelled()
     pipe.scheduler = make_scheduler(request.sampler, warm.scheduler_config)
+    estimate = CleanEstimate(pipe.scheduler) if meter.enabled else None
     last = [time.perf_counter()]
 
     def step_end(_pipe, index: int, _timestep, kwargs: dict) -> dict:
@@ -118,8 +119,10 @@ def render(warm: WarmPipeline, loras: AppliedStack, request: GenerationRequest, 
         report.step_seconds.append(round(now - last[0], 5))
         picture = None
         if meter.due(index + 1, request.steps):
-            picture = warm.preview.image(kwargs["latents"])
+            clean = estimate.latest if estimate is not None else None
+            picture = warm.preview.image(clean if clean is not None else kwargs["latents"])
             meter.images += 1
+            meter.denoised += clean is not None
             meter.seconds += time.perf_counter() - now
         if on_step is not None:
             on_step(StepEvent(index + 1, request.steps, report.step_seconds[-1], picture))

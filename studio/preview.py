@@ -6,7 +6,9 @@ enough to stop a bad run early. Published factors exist for the SDXL VAE only, a
 also loads the demo model and separate VAEs, so the map is fitted to the VAE at hand: decode
 a few smooth random latents (no download, no real image needed) and solve least squares from
 each latent pixel to the mean colour of the 8x8 image pixels it decodes to. The fit is cached
-on disk by the VAE's identity, so a model loads as fast the second time.
+on disk by the VAE's identity, so a model loads as fast the second time. The map is applied
+to the sampler's estimate of the finished latents (`CleanEstimate`), not to the noisy latents
+of the step, so the preview shows the picture taking shape rather than noise.
 """
 
 from __future__ import annotations
@@ -136,12 +138,51 @@ def cached_projection(vae, key: str, cache_file: Path | None) -> LatentProjectio
     return projection
 
 
+class CleanEstimate:
+    """The scheduler's own estimate of the finished latents (x0) after its latest step.
+
+    Mid-run latents are mostly noise, so a picture of them is coloured noise until the last few
+    steps; A1111's and ComfyUI's previews show the denoised estimate instead. Euler, Euler a and
+    DDIM return it from `step` (their second output); DPM++ (dpmsolver++) and UniPC (predict_x0)
+    keep it as their latest model output. With a scheduler that has neither, `latest` stays None
+    and the preview shows the latents themselves. Only references are kept: nothing the
+    scheduler computes changes, so the image is the same with the preview on or off.
+    """
+
+    def __init__(self, scheduler) -> None:
+        self.latest: torch.Tensor | None = None
+        self._scheduler = scheduler
+        step = scheduler.step
+
+        def step_and_keep(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self.latest = self._estimate(out)
+            return out
+
+        scheduler.step = step_and_keep
+
+    def _estimate(self, out) -> torch.Tensor | None:
+        if isinstance(out, tuple):
+            found = out[1] if len(out) > 1 else None
+        else:
+            found = getattr(out, "pred_original_sample", None)
+        if isinstance(found, torch.Tensor):
+            return found
+        config = self._scheduler.config
+        if config.get("algorithm_type") in ("dpmsolver++", "sde-dpmsolver++") or config.get("predict_x0") is True:
+            outputs = getattr(self._scheduler, "model_outputs", None) or [None]
+            if isinstance(outputs[-1], torch.Tensor):
+                return outputs[-1]
+        return None
+
+
 class PreviewMeter:
     """Counts what the previews of one generation cost, for the report."""
 
     def __init__(self, enabled: bool, every: int = PREVIEW_EVERY) -> None:
         self.enabled, self.every = enabled, every
         self.images = 0
+        self.denoised = 0  # of those, pictures of the scheduler's denoised estimate (the rest: raw latents)
         self.seconds = 0.0
 
     def due(self, step: int, total: int) -> bool:
@@ -149,6 +190,9 @@ class PreviewMeter:
 
     def report(self, steps: int, step_seconds: float, projection: LatentProjection | None) -> dict:
         out: dict = {"enabled": self.enabled, "every_steps": self.every, "images": self.images}
+        if self.images:
+            out["shows"] = "denoised estimate" if self.denoised == self.images else \
+                "latents" if not self.denoised else f"denoised estimate ({self.denoised} of {self.images})"
         if self.enabled and steps:
             per_step = self.seconds / steps
             out |= {"seconds": round(self.seconds, 6), "ms_per_step": round(1000 * per_step, 4),

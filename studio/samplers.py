@@ -21,6 +21,10 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
 SAMPLERS: tuple[str, ...] = tuple(_SCHEDULERS)
+# Keys a model's scheduler config may lack, with SDXL's values: a config saved from an Euler scheduler
+# has no `clip_sample`, and DDIM's own default (True) clips its x0 estimate to [-1, 1], which SDXL
+# latents exceed: the demo model then drew a blue circle on green for "a red circle on a blue background".
+_MISSING_DEFAULTS: dict[str, dict[str, Any]] = {"DDIM": {"clip_sample": False, "set_alpha_to_one": False}}
 
 
 def check_sampler(name: str) -> str:
@@ -36,4 +40,5 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
     class_name, overrides = _SCHEDULERS[check_sampler(name)]
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     config.pop("use_karras_sigmas", None)
+    config = _MISSING_DEFAULTS.get(name, {}) | config
     return getattr(diffusers, class_name).from_config(config, **overrides)

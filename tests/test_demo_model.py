@@ -18,6 +18,7 @@ from studio.demo_shapes import read, texture, warmth
 from studio.demo_vocab import COLOURS, SHAPES, FOLLOWED_TEMPLATES, WARM_TRIGGER, Scene, all_scenes, example_prompts
 from studio.models.architectures import TINY_DEFAULT_SIZE
 from studio.request import GenerationRequest
+from studio.samplers import SAMPLERS
 from studio.settings import Precision, Settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: 2 threads on a busy 2-core CPU ran 100x slower
@@ -122,3 +123,19 @@ def test_the_warm_lora_learnt_its_trigger_word(fp32_session):
 def test_the_base_model_ignores_the_trigger_word(fp32_session):
     reading = read(_image(fp32_session, f"{LORA_PROMPT}, {WARM_TRIGGER}"))
     assert (reading.colour, reading.shape, reading.background) == ("white", "square", "green")
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_draws_the_prompt_and_its_live_preview_shows_it_from_the_second_step(fp32_session, sampler):
+    """The sampler menu is the app's, so each of its samplers must draw on the shipped model (DDIM drew a
+    blue circle on green while its x0 was clipped), and the preview two steps into ten is already the
+    picture: the sampler's denoised estimate, not the noisy latents."""
+    pictures = {}
+    result = fp32_session.generate(
+        GenerationRequest(prompt=example_prompts()[0], seed=4, steps=10, sampler=sampler),
+        on_step=lambda event: pictures.update({event.step: event.preview}) if event.preview else None)
+    final = read(np.asarray(result.images[0].convert("RGB")))
+    assert (final.colour, final.shape, final.background) == ("red", "circle", "blue"), (sampler, final)
+    assert result.report.preview["shows"] == "denoised estimate"
+    early = read(np.asarray(pictures[2].resize((TINY_DEFAULT_SIZE, TINY_DEFAULT_SIZE))))
+    assert (early.colour, early.background) == ("red", "blue"), (sampler, early)

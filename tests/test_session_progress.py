@@ -47,14 +47,17 @@ def test_live_preview_every_few_steps_and_its_cost_in_the_report(tiny_session, t
 
 def test_live_preview_off_sends_no_pictures(tiny_session, tmp_path):
     original = tiny_session.settings
+    request = GenerationRequest(prompt="a cat", seed=3, steps=2)
+    with_preview = tiny_session.generate(request, out_path=tmp_path / "on.png")
     tiny_session.apply_settings(original.replace(live_preview=False))
     try:
         pictures = []
-        result = tiny_session.generate(GenerationRequest(prompt="a cat", seed=3, steps=2),
-                                       on_step=lambda e: pictures.append(e.preview), out_path=tmp_path / "p.png")
+        result = tiny_session.generate(request, on_step=lambda e: pictures.append(e.preview), out_path=tmp_path / "p.png")
     finally:
         tiny_session.apply_settings(original)
     assert pictures == [None, None]
+    # the preview reads the sampler's estimate and changes nothing it computes: the same pixels either way
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(with_preview.images[0]))
     assert result.report.preview == {"enabled": False, "every_steps": 2, "images": 0,
                                      "fit_seconds": tiny_session.warm.preview.fit_seconds,
                                      "fit_rms_error": tiny_session.warm.preview.rms_error}

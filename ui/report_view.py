@@ -84,6 +84,9 @@ def render_preview(preview: dict) -> str:
     images = preview.get("images", 0)
     line = (f"Live preview: {images} picture{'' if images == 1 else 's'} "
             f"(every {preview.get('every_steps', '?')} steps), **{preview.get('ms_per_step', 0.0):.3f} ms per step**")
+    if preview.get("shows"):
+        line += f", showing the sampler's {preview['shows']}" if preview["shows"] != "latents" else \
+            ", showing the raw latents (this sampler gives no denoised estimate)"
     if "share_of_step" in preview:
         line += f" ({100 * preview['share_of_step']:.2f} % of a step)"
     if "fit_seconds" in preview:
