@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from studio.models.loader import resolve_source
 from studio.outputs import OutputFolder, choose_outputs
 from studio.paths import AppDirs, app_dirs
 from studio.phases import Phase
-from studio.report import PhaseCallback, PhaseTimer
+from studio.report import PhaseCallback, PhaseTimer, Report
 from studio.request import GenerationRequest
 from studio.runtime import Runtime, resolve_runtime
 from studio.settings import SETTING_INFO, Applies, Settings
@@ -235,13 +236,15 @@ class Session:
 
     def generate(self, request: GenerationRequest | Job, *, on_step: StepCallback | None = None,
                  on_phase: PhaseCallback | None = None, cancel: CancelToken | None = None,
-                 out_path: Path | None = None, allow_paths: bool = False) -> GenerationResult:
+                 out_path: Path | None = None, allow_paths: bool = False,
+                 annotate: Callable[[Report], None] | None = None) -> GenerationResult:
         """Run one request to a saved PNG and a report. Raises Cancelled, OutOfMemory, InputError.
 
         A request is prepared here (`allow_paths` as in `prepare`); a Job was prepared already.
         `on_phase(name)` hears each phase as it starts (the report's phase names: "model_load",
         "lora_load", "lora_patch", "text_encode", "denoise", "vae_decode", "save", ...);
-        `on_step` each denoising step, with a preview picture every few steps when live_preview is on.
+        `on_step` each denoising step, with a preview picture every few steps when live_preview is on;
+        `annotate(report)` adds the caller's own measurements before the report is kept on disk.
         """
         job = request if isinstance(request, Job) else self.prepare(request, allow_paths=allow_paths)
         token = cancel or CancelToken()
@@ -251,6 +254,8 @@ class Session:
             # A callable: a cold start creates the cache inside the guard, and an OOM then must free it.
             with oom_guard(lambda: self._warm.cache if self._warm else None, "the generation"):
                 result = self._generate_locked(job, on_step, on_phase, token, out_path)
+            if annotate is not None:
+                annotate(result.report)
             self.history.append(result.report)
         return result
 

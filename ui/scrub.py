@@ -107,16 +107,20 @@ class Scrubber:
                                         steps=steps, cfg=float(form["cfg"]), width=int(form["width"]),
                                         height=int(form["height"]), sampler=form["sampler"],
                                         loras=stack_of(rows)).validated()
+
+            def annotate(report) -> None:  # before the report is kept, so the Report tab's history on disk has it
+                latency = time.perf_counter() - changed
+                report.lora["scrub"] = {"lora": name, "weight": float(weight), "latency_seconds": round(latency, 4)}
+                report.notes.append(f"live scrub: {latency:.3f} s from the last slider change to this image")
+
             try:
-                result = self.session.generate(request, cancel=token, out_path=path)
+                result = self.session.generate(request, cancel=token, out_path=path, annotate=annotate)
             except Cancelled:
                 return None, None  # a newer value took over
-        latency = time.perf_counter() - changed
+        latency = result.report.lora["scrub"]["latency_seconds"]
         patch = result.report.lora.get("patch", {})
         note = (f"Live scrub: **{name}** at {weight:g}, seed {request.seed}, {steps} steps: image "
                 f"**{latency:.2f} s** after the last slider change; {patch.get('tensors_touched', 0)} tensors "
                 f"re-merged, {patch.get('tensors_skipped', 0)} unchanged.")
-        result.report.lora["scrub"] = {"lora": name, "weight": float(weight), "latency_seconds": round(latency, 4)}
-        result.report.notes.append(f"live scrub: {latency:.3f} s from the last slider change to this image")
         with Image.open(result.paths[0]) as img:
             return img.copy(), note

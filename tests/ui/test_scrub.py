@@ -87,3 +87,8 @@ def test_a_newer_value_cancels_the_stale_job_and_only_that_lora_is_remerged(watc
     assert np.array_equal(np.asarray(picture.convert("RGB")), expected)
     scrubbed = list(tiny_session.history)[-2].lora["scrub"]  # the Report tab shows it (ui/report_view.py)
     assert scrubbed["lora"] == KOHYA and scrubbed["weight"] == 0.3 and scrubbed["latency_seconds"] > 0
+    # and so does the history kept on disk for the next start
+    from studio.history import ReportHistory
+
+    kept = list(ReportHistory(tiny_session.history.path))[-2]
+    assert kept.lora["scrub"] == scrubbed and any(n.startswith("live scrub: ") for n in kept.notes)
