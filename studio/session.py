@@ -119,7 +119,7 @@ class Session:
 
     @property
     def native_size(self) -> int:
-        warm = self._warm
+        warm = self._warm  # read once: another thread may unload it
         return warm.native_size if warm is not None else SDXL_DEFAULT_SIZE
 
     def load_model(self, spec: str | None = None, vae: str | None = None,
@@ -175,11 +175,8 @@ class Session:
             warm.cache.set_budgets(budgets.ram or None, budgets.vram or None)
 
     def _unload_locked(self) -> None:
-        """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache.
-
-        With no pipeline loaded there is nothing to free, so no gc pass (a full one cost 1.5-1.9 s
-        before the first load on the 2-core machine, issue 9).
-        """
+        """Restore LoRA'd weights, undo the placement, drop the pipeline and its cache (with no pipeline
+        loaded, no gc pass: a full one cost 1.5-1.9 s before the first load on the 2-core machine)."""
         warm, self._warm = self._warm, None
         try:
             self.loras.unbind()  # restores the weights and forgets parses bound to its layer names
@@ -285,11 +282,8 @@ class Session:
 
     def bake(self, rows: list[tuple[str, float]], out_dir: Path, single_file: Path | None = None, *,
              allow_paths: bool = False):
-        """Write the model with a LoRA stack merged in (diffusers folder, optionally one file too).
-
-        Runs between generations with every component on the device; the session's own LoRAs
-        are taken off first, and the live weights are bit-identical to pristine afterwards.
-        """
+        """Write the model with a LoRA stack merged in (diffusers folder, optionally one file too), between
+        generations; the session's own LoRAs come off first and the live weights end bit-identical to pristine."""
         from studio.bake import bake
 
         _, stack = resolve_stack("", rows, search_dirs(self.settings.lora_dirs), self.lbw_presets(), allow_paths=allow_paths)
