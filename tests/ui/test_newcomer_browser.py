@@ -78,7 +78,7 @@ def test_each_phase_shows_and_a_live_preview_forms(page, monkeypatch):
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(studio.generation, "decode_latents", slow_decode)
-    page.locator("#prompt textarea").fill("a red kite")
+    page.locator("#prompt textarea").fill("a red circle on a blue background")
     page.locator("#seed input").fill("5")
     set_number(page, "#steps input[type=number]", "6")
     page.locator("#generate").click()
@@ -88,6 +88,7 @@ def test_each_phase_shows_and_a_live_preview_forms(page, monkeypatch):
     expect(preview.locator("img")).to_be_visible(timeout=LONG)
     expect(preview).to_contain_text("Live preview: step 6/6")  # the last picture, while the VAE decodes
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    preview.scroll_into_view_if_needed()
     page.screenshot(path=str(SCREENSHOTS / "live-preview.png"), full_page=False)
     expect(page.locator("#summary")).to_contain_text("seed 5", timeout=LONG)
     expect(preview).to_be_hidden(timeout=LONG)  # the image itself replaces it
