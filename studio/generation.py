@@ -119,7 +119,7 @@ def render(warm: WarmPipeline, loras: AppliedStack, request: GenerationRequest, 
         report.step_seconds.append(round(now - last[0], 5))
         picture = None
         if meter.due(index + 1, request.steps):
-            clean = estimate.latest if estimate is not None else None
+            clean = estimate.latest  # a preview is due only when the meter is on, and then there is an estimate
             picture = warm.preview.image(clean if clean is not None else kwargs["latents"])
             meter.images += 1
             meter.denoised += clean is not None
